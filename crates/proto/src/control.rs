@@ -1,0 +1,226 @@
+//! Control protocol: CLI, SDS and SDC requests to the MDM, as JSON in `kind::CONTROL`
+//! frames. [`ControlClient`] knows every MDM address and follows the leader.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tessera_core::command::Applied;
+use tessera_core::{ClusterState, Command, CoreError};
+use thiserror::Error;
+
+use crate::auth::ClusterSecret;
+use crate::data::{kind, status};
+use crate::rpc::{RpcClient, RpcError};
+
+/// A control call that gets no answer in this time fails (and the client tries another MDM).
+pub const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// A replicated change of the cluster model.
+    Execute(Command),
+    /// The whole cluster model and its version (the Raft index it reflects).
+    GetState,
+    /// Health: MDM members, SDS liveness, PG counts.
+    Status,
+    /// An SDS renews its lease and reports device usage.
+    SdsHeartbeat { sds_id: u64, devices: Vec<DeviceUsage> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceUsage {
+    pub device_id: u64,
+    pub used_extents: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ControlResponse {
+    Applied(Applied),
+    State(StateView),
+    Status(ClusterStatus),
+    Heartbeat(HeartbeatReply),
+    Error(ControlError),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateView {
+    /// Raft log index the state reflects; it only grows.
+    pub version: u64,
+    pub state: ClusterState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub lease_duration_ms: u64,
+    /// Current state version, so the SDS knows when to refetch its map.
+    pub state_version: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub mdm_members: Vec<MdmMember>,
+    pub leader_id: Option<u64>,
+    pub state_version: u64,
+    pub sdss: Vec<SdsStatus>,
+    pub pgs: PgCounts,
+    pub volumes: usize,
+    pub sdcs: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MdmMember {
+    pub id: u64,
+    pub address: String,
+    pub role: String,
+    pub is_leader: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SdsStatus {
+    pub id: u64,
+    pub name: String,
+    pub address: String,
+    /// `up` while its lease is held, `down` otherwise.
+    pub state: String,
+    pub devices: usize,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PgCounts {
+    pub total_pgs: u64,
+    /// Both copies on SDSs that hold a lease.
+    pub healthy_pgs: u64,
+    /// At least one copy missing or on an SDS without a lease.
+    pub degraded_pgs: u64,
+    /// Pools without placement yet.
+    pub unplaced_pgs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    Refused(CoreError),
+    #[error("this MDM is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<String> },
+    #[error("MDM unavailable: {0}")]
+    Unavailable(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Control(ControlError),
+    #[error("no MDM reachable: {0}")]
+    Unreachable(String),
+    #[error("MDM sent an unexpected reply: {0}")]
+    Protocol(String),
+}
+
+/// Talks to the MDM cluster: tries each known address, follows `NotLeader` hints, retries
+/// with backoff while no leader answers, and reuses its connection.
+pub struct ControlClient {
+    addresses: Vec<String>,
+    secret: ClusterSecret,
+    conn: tokio::sync::Mutex<Option<RpcClient>>,
+    /// Give up on a call after this long without a leader.
+    pub retry_for: Duration,
+}
+
+impl ControlClient {
+    pub fn new(addresses: Vec<String>, secret: ClusterSecret) -> ControlClient {
+        ControlClient { addresses, secret, conn: tokio::sync::Mutex::new(None), retry_for: Duration::from_secs(20) }
+    }
+
+    pub async fn request(&self, req: &ControlRequest) -> Result<ControlResponse, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(50);
+        let mut last_error = String::from("no MDM address configured");
+        let mut candidates: Vec<String> = self.addresses.clone();
+        let mut next = 0usize;
+        loop {
+            let conn = {
+                let mut guard = self.conn.lock().await;
+                match guard.as_ref() {
+                    Some(c) if !c.is_closed() => Some(c.clone()),
+                    _ if candidates.is_empty() => None,
+                    _ => {
+                        let addr = candidates[next % candidates.len()].clone();
+                        next += 1;
+                        match RpcClient::connect(&addr, &self.secret).await {
+                            Ok(c) => {
+                                *guard = Some(c.clone());
+                                Some(c)
+                            }
+                            Err(e @ RpcError::Auth { .. }) => return Err(ClientError::Unreachable(e.to_string())),
+                            Err(e) => {
+                                last_error = e.to_string();
+                                None
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(conn) = conn {
+                match conn.call(kind::CONTROL, &[&body], CONTROL_CALL_TIMEOUT).await {
+                    Ok(reply) if reply.status == status::OK => {
+                        let resp: ControlResponse = serde_json::from_slice(&reply.payload)
+                            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                        match resp {
+                            ControlResponse::Error(ControlError::NotLeader { leader }) => {
+                                last_error = format!("MDM {} is not the leader", conn.addr());
+                                *self.conn.lock().await = None;
+                                if let Some(l) = leader {
+                                    if !candidates.contains(&l) {
+                                        candidates.push(l.clone());
+                                    }
+                                    next = candidates.iter().position(|c| *c == l).unwrap_or(next);
+                                }
+                            }
+                            ControlResponse::Error(ControlError::Unavailable(m)) => last_error = m,
+                            ControlResponse::Error(e) => return Err(ClientError::Control(e)),
+                            other => return Ok(other),
+                        }
+                    }
+                    Ok(reply) => {
+                        return Err(ClientError::Protocol(format!("status {}", status::name(reply.status))));
+                    }
+                    Err(e) => {
+                        last_error = e.to_string();
+                        *self.conn.lock().await = None;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(ClientError::Unreachable(last_error));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    pub async fn execute(&self, cmd: Command) -> Result<Applied, ClientError> {
+        match self.request(&ControlRequest::Execute(cmd)).await? {
+            ControlResponse::Applied(a) => Ok(a),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn state(&self) -> Result<StateView, ClientError> {
+        match self.request(&ControlRequest::GetState).await? {
+            ControlResponse::State(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.request(&ControlRequest::Status).await? {
+            ControlResponse::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+}

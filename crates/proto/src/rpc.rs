@@ -1,0 +1,221 @@
+//! Multiplexed request/response over one authenticated TCP connection.
+//!
+//! Client: callers write whole frames under a short lock; one reader task routes each
+//! response to its caller by request id, so replies may come back in any order.
+//! Server: one reader loop per connection hands requests to handlers; one writer task
+//! batches their responses (it flushes only when no more are queued).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::auth::{authenticate_client, AuthError, ClusterSecret};
+use crate::frame::{read_header, FrameError, FrameHeader, MAX_PAYLOAD_BYTES, RESPONSE_BIT};
+
+/// Requests one client connection may have outstanding; more wait for a slot.
+pub const MAX_INFLIGHT_PER_CONNECTION: usize = 256;
+/// Responses queued for a server connection's writer before handlers wait.
+pub const RESPONSE_QUEUE_DEPTH: usize = 512;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Error)]
+pub enum RpcError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("authentication with {addr} failed: {source}")]
+    Auth { addr: String, source: AuthError },
+    #[error("connection to {0} closed")]
+    Disconnected(String),
+    #[error("request to {0} timed out")]
+    Timeout(String),
+    #[error("bad frame from {addr}: {source}")]
+    Frame { addr: String, source: FrameError },
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u32,
+    pub payload: Vec<u8>,
+}
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Reply>>>;
+
+struct Shared {
+    addr: String,
+    writer: tokio::sync::Mutex<BufWriter<OwnedWriteHalf>>,
+    pending: Arc<Pending>,
+    closed: Arc<AtomicBool>,
+    next_request_id: AtomicU64,
+    inflight: Semaphore,
+    reader_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.reader_task.abort();
+    }
+}
+
+/// A cheap-to-clone handle on one authenticated connection.
+#[derive(Clone)]
+pub struct RpcClient {
+    shared: Arc<Shared>,
+}
+
+impl RpcClient {
+    pub async fn connect(addr: &str, secret: &ClusterSecret) -> Result<RpcClient, RpcError> {
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| RpcError::ConnectTimeout(addr.to_string()))?
+            .map_err(|source| RpcError::Connect { addr: addr.to_string(), source })?;
+        stream.set_nodelay(true).ok();
+        authenticate_client(&mut stream, secret).await.map_err(|source| RpcError::Auth { addr: addr.to_string(), source })?;
+        let (read_half, write_half) = stream.into_split();
+        let pending: Arc<Pending> = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let reader_task = tokio::spawn(read_replies(read_half, pending.clone(), closed.clone()));
+        Ok(RpcClient {
+            shared: Arc::new(Shared {
+                addr: addr.to_string(),
+                writer: tokio::sync::Mutex::new(BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half)),
+                pending,
+                closed,
+                next_request_id: AtomicU64::new(1),
+                inflight: Semaphore::new(MAX_INFLIGHT_PER_CONNECTION),
+                reader_task,
+            }),
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
+    }
+
+    /// True once the connection has failed; callers should reconnect.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Sends one request made of `parts` (concatenated on the wire) and waits for its reply.
+    pub async fn call(&self, kind: u16, parts: &[&[u8]], timeout: Duration) -> Result<Reply, RpcError> {
+        let s = &self.shared;
+        let disconnected = || RpcError::Disconnected(s.addr.clone());
+        let _slot = s.inflight.acquire().await.map_err(|_| disconnected())?;
+        if self.is_closed() {
+            return Err(disconnected());
+        }
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+        assert!(payload_len <= MAX_PAYLOAD_BYTES as usize, "caller built an oversized frame");
+        let request_id = s.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        s.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(request_id, tx);
+        let header = FrameHeader { kind, request_id, payload_len: payload_len as u32, status: 0 };
+        let send = async {
+            let mut w = s.writer.lock().await;
+            w.write_all(&header.encode()).await?;
+            for p in parts {
+                w.write_all(p).await?;
+            }
+            w.flush().await
+        };
+        let outcome = tokio::time::timeout(timeout, async {
+            if send.await.is_err() {
+                s.closed.store(true, Ordering::Release);
+                return Err(disconnected());
+            }
+            rx.await.map_err(|_| disconnected())
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request_id);
+                Err(RpcError::Timeout(s.addr.clone()))
+            }
+        }
+    }
+}
+
+async fn read_replies(read_half: OwnedReadHalf, pending: Arc<Pending>, closed: Arc<AtomicBool>) {
+    let mut r = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
+    loop {
+        let header = match read_header(&mut r).await {
+            Ok(Some(h)) if h.kind & RESPONSE_BIT != 0 => h,
+            _ => break,
+        };
+        let mut payload = vec![0u8; header.payload_len as usize];
+        if r.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&header.request_id);
+        // A reply nobody waits for (its caller timed out) is dropped.
+        if let Some(tx) = waiter {
+            let _ = tx.send(Reply { status: header.status, payload });
+        }
+    }
+    closed.store(true, Ordering::Release);
+    // Dropping the senders wakes every waiting caller with `Disconnected`.
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+/// One response queued for a server connection's writer task.
+pub struct OutFrame {
+    pub header: FrameHeader,
+    pub payload: Vec<u8>,
+}
+
+impl OutFrame {
+    pub fn reply(request: &FrameHeader, status: u32, payload: Vec<u8>) -> OutFrame {
+        OutFrame {
+            header: FrameHeader {
+                kind: request.kind | RESPONSE_BIT,
+                request_id: request.request_id,
+                payload_len: payload.len() as u32,
+                status,
+            },
+            payload,
+        }
+    }
+}
+
+/// Starts the writer task of a server connection; returns the queue handlers reply into.
+pub fn spawn_response_writer(write_half: OwnedWriteHalf) -> mpsc::Sender<OutFrame> {
+    let (tx, mut rx) = mpsc::channel::<OutFrame>(RESPONSE_QUEUE_DEPTH);
+    tokio::spawn(async move {
+        let mut w = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
+        while let Some(frame) = rx.recv().await {
+            let mut next = Some(frame);
+            while let Some(f) = next.take() {
+                if w.write_all(&f.header.encode()).await.is_err() || w.write_all(&f.payload).await.is_err() {
+                    return;
+                }
+                next = rx.try_recv().ok();
+            }
+            if w.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    tx
+}
+
+/// Reads one request frame (header and payload). `Ok(None)` at a clean end of stream.
+pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<(FrameHeader, Vec<u8>)>, FrameError> {
+    let Some(header) = read_header(r).await? else { return Ok(None) };
+    let mut payload = vec![0u8; header.payload_len as usize];
+    r.read_exact(&mut payload).await?;
+    Ok(Some((header, payload)))
+}
+
