@@ -1,0 +1,171 @@
+//! The SDS process: registers with the MDM, opens (formatting on first use) its devices,
+//! renews its lease, follows map changes, and serves the data port.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use tessera_core::lease::DEFAULT_HEARTBEAT_INTERVAL_MS;
+use tessera_core::{Command, DeviceState};
+use tessera_proto::control::{ControlClient, ControlRequest, ControlResponse, DeviceUsage};
+use tessera_proto::ClusterSecret;
+use tokio::net::TcpListener;
+
+use crate::device::{Device, DeviceError, FormatParams};
+use crate::map::MapView;
+use crate::server::{serve_connection, SdsState};
+
+#[derive(Debug, Clone)]
+pub struct SdsConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub mdm_addresses: Vec<String>,
+    pub secret: ClusterSecret,
+    pub cluster_id: [u8; 16],
+}
+
+/// Opens a device, formatting it first if it has never been formatted. A device holding
+/// another cluster's data, or another device's identity, is refused — never reformatted.
+fn open_or_format(path: &Path, device_id: u64, extent_size_bytes: u32, cluster_id: [u8; 16]) -> anyhow::Result<Device> {
+    let dev = match Device::open(path, cluster_id) {
+        Ok(d) => d,
+        Err(DeviceError::NotFormatted) => {
+            Device::format(path, &FormatParams { cluster_id, device_id, extent_size_bytes }, false)
+                .with_context(|| format!("formatting {}", path.display()))?;
+            tracing::info!(device_id, path = %path.display(), "formatted device");
+            Device::open(path, cluster_id).with_context(|| format!("opening {}", path.display()))?
+        }
+        Err(e) => return Err(anyhow!("opening {}: {e}", path.display())),
+    };
+    if dev.device_id() != device_id {
+        return Err(anyhow!(
+            "{} holds device {} but the MDM expects device {device_id} there",
+            path.display(),
+            dev.device_id()
+        ));
+    }
+    if dev.extent_size_bytes() != extent_size_bytes {
+        return Err(anyhow!("{} has extent size {} but its pool uses {extent_size_bytes}", path.display(), dev.extent_size_bytes()));
+    }
+    Ok(dev)
+}
+
+/// Fetches the map and brings devices in line with it: opens new ones (reporting their
+/// capacity), closes removed ones, and frees extents of removed volumes.
+async fn refresh(sds: &Arc<SdsState>, sds_id: u64) -> anyhow::Result<()> {
+    let view = sds.control.state().await?;
+    let state = &view.state;
+    let mine: Vec<_> = state.devices_of_sds(sds_id).cloned().collect();
+    let open_ids: HashSet<u64> = sds.devices.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+    for d in &mine {
+        if open_ids.contains(&d.id) {
+            continue;
+        }
+        let Some(pool) = state.pools.get(&d.pool_id) else { continue };
+        let (path, id, extent, cluster) = (d.path.clone(), d.id, pool.extent_size_bytes, sds.cluster_id);
+        match tokio::task::spawn_blocking(move || open_or_format(Path::new(&path), id, extent, cluster)).await? {
+            Ok(dev) => {
+                let capacity_bytes = dev.capacity_extents() * u64::from(dev.extent_size_bytes());
+                sds.devices.write().unwrap_or_else(|p| p.into_inner()).insert(d.id, Arc::new(dev));
+                if d.state == DeviceState::New {
+                    sds.control.execute(Command::DeviceReady { device_id: d.id, capacity_bytes }).await?;
+                }
+                tracing::info!(device_id = d.id, path = %d.path, capacity_bytes, "device in service");
+            }
+            Err(e) => tracing::error!(device_id = d.id, "device unusable: {e:#}"),
+        }
+    }
+    let wanted: HashSet<u64> = mine.iter().map(|d| d.id).collect();
+    sds.devices.write().unwrap_or_else(|p| p.into_inner()).retain(|id, _| wanted.contains(id));
+    let map = MapView::from_state(view.version, sds_id, state);
+    collect_removed_volumes(sds, &map);
+    *sds.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+    Ok(())
+}
+
+/// Frees, in the background, extents of volumes the MDM has removed. Only ids the MDM has
+/// issued count: an unknown higher id is a volume newer than our map, not a removed one.
+fn collect_removed_volumes(sds: &Arc<SdsState>, map: &MapView) {
+    let devices: Vec<Arc<Device>> = sds.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+    let (max_id, live) = (map.max_issued_id, map.volume_ids.clone());
+    tokio::task::spawn_blocking(move || {
+        for dev in devices {
+            let removed: HashSet<u64> = dev
+                .allocated_extents()
+                .into_iter()
+                .map(|(k, _, _)| k.volume_id)
+                .filter(|v| *v <= max_id && !live.contains(v))
+                .collect();
+            for volume_id in removed {
+                match dev.remove_volume(volume_id) {
+                    Ok(n) => tracing::info!(volume_id, extents = n, "freed extents of removed volume"),
+                    Err(e) => tracing::warn!(volume_id, "freeing removed volume failed: {e}"),
+                }
+            }
+        }
+    });
+}
+
+async fn heartbeat_loop(sds: Arc<SdsState>, sds_id: u64) {
+    let interval = Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS);
+    loop {
+        let usage: Vec<DeviceUsage> = sds
+            .devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|d| DeviceUsage { device_id: d.device_id(), used_extents: d.used_extents() })
+            .collect();
+        let mut need_refresh = false;
+        match sds.control.request(&ControlRequest::SdsHeartbeat { sds_id, devices: usage }).await {
+            Ok(ControlResponse::Heartbeat(reply)) => need_refresh = reply.state_version > sds.map().version,
+            Ok(other) => tracing::warn!("unexpected heartbeat reply: {other:?}"),
+            Err(e) => tracing::warn!("heartbeat failed: {e}"),
+        }
+        if need_refresh {
+            if let Err(e) = refresh(&sds, sds_id).await {
+                tracing::warn!("map refresh failed: {e:#}");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = sds.refresh.notified() => {
+                if let Err(e) = refresh(&sds, sds_id).await {
+                    tracing::warn!("map refresh failed: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
+    let control = ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone());
+    let view = control.state().await.context("fetching the cluster map from the MDM")?;
+    let me = view
+        .state
+        .sds_by_name(&cfg.name)
+        .ok_or_else(|| anyhow!("SDS {:?} is not registered with the MDM; add it first (tessera sds add)", cfg.name))?
+        .clone();
+    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+    if me.data_address != cfg.listen.to_string() {
+        control.execute(Command::SetSdsAddress { name: cfg.name.clone(), data_address: cfg.listen.to_string() }).await?;
+    }
+    let sds = Arc::new(SdsState::new(cfg.name.clone(), cfg.secret.clone(), cfg.cluster_id, control));
+    refresh(&sds, me.id).await.context("opening devices")?;
+    tracing::info!(name = %cfg.name, id = me.id, addr = %cfg.listen, "SDS serving");
+    tokio::spawn(heartbeat_loop(sds.clone(), me.id));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(sds.clone(), stream));
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

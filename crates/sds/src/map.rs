@@ -1,0 +1,174 @@
+//! The SDS's view of the cluster map and the role checks every data request passes.
+//! Pure: the map and a request in, a verdict out — so it is unit-tested without sockets.
+
+use std::collections::HashMap;
+
+use tessera_core::layout::pg_of_extent;
+use tessera_core::{ClusterState, Replica};
+use tessera_proto::data::{flags, status, IoHeader};
+
+/// What this SDS knows of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolView {
+    pub extent_size_bytes: u32,
+    pub pg_count: u32,
+    /// Indexed by PG id.
+    pub pgs: Vec<PgView>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PgView {
+    pub epoch: u64,
+    pub replicas: Vec<Replica>,
+}
+
+/// An immutable snapshot of the map, swapped whole when the MDM's state changes.
+#[derive(Debug, Clone, Default)]
+pub struct MapView {
+    pub version: u64,
+    pub sds_id: u64,
+    pub pools: HashMap<u64, PoolView>,
+    pub sds_addresses: HashMap<u64, String>,
+    /// Highest object id the MDM has handed out: volumes with an id at or below it that are
+    /// absent from the map were removed (not merely unknown yet).
+    pub max_issued_id: u64,
+    pub volume_ids: std::collections::HashSet<u64>,
+}
+
+impl MapView {
+    pub fn from_state(version: u64, sds_id: u64, state: &ClusterState) -> MapView {
+        let pools = state
+            .pools
+            .values()
+            .map(|p| {
+                let pgs = p.pgs.iter().map(|pg| PgView { epoch: pg.epoch, replicas: pg.replicas.clone() }).collect();
+                (p.id, PoolView { extent_size_bytes: p.extent_size_bytes, pg_count: p.pg_count, pgs })
+            })
+            .collect();
+        MapView {
+            version,
+            sds_id,
+            pools,
+            sds_addresses: state.sdss.values().map(|s| (s.id, s.data_address.clone())).collect(),
+            max_issued_id: state.next_id,
+            volume_ids: state.volumes.keys().copied().collect(),
+        }
+    }
+}
+
+/// The role this SDS plays for a request that passed the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Apply locally and forward to `secondary`.
+    Primary { local: Replica, secondary: Option<Replica> },
+    /// Apply locally only (forwarded write, or a copy read for verification).
+    Local { local: Replica },
+}
+
+/// Checks a data request against the map: bounds, PG, epoch, role. Returns the role or the
+/// status to reply with.
+pub fn check_io(map: &MapView, h: &IoHeader, is_write: bool) -> Result<Role, u32> {
+    let Some(pool) = map.pools.get(&h.pool_id) else { return Err(status::MAP_BEHIND) };
+    let end = u64::from(h.offset_in_extent) + u64::from(h.length);
+    if end > u64::from(pool.extent_size_bytes) {
+        return Err(status::INVALID);
+    }
+    if pool.pgs.is_empty() {
+        return Err(status::MAP_BEHIND);
+    }
+    // The PG is derived from (volume, extent); a request naming another PG is a client bug.
+    if pg_of_extent(h.volume_id, h.extent_index, pool.pg_count) != h.pg_id {
+        return Err(status::INVALID);
+    }
+    let Some(pg) = pool.pgs.get(h.pg_id as usize) else { return Err(status::INVALID) };
+    if h.pg_epoch < pg.epoch {
+        return Err(status::STALE_EPOCH);
+    }
+    if h.pg_epoch > pg.epoch {
+        return Err(status::MAP_BEHIND);
+    }
+    let Some(position) = pg.replicas.iter().position(|r| r.sds_id == map.sds_id) else {
+        return Err(status::WRONG_ROLE);
+    };
+    let local = pg.replicas[position];
+    let as_replica = h.flags & (flags::REPLICA | flags::LOCAL_ONLY) != 0;
+    if as_replica {
+        // A forwarded write must come to a non-primary copy; a verification read may go to any.
+        if is_write && position == 0 {
+            return Err(status::WRONG_ROLE);
+        }
+        return Ok(Role::Local { local });
+    }
+    if position != 0 {
+        return Err(status::WRONG_ROLE);
+    }
+    Ok(Role::Primary { local, secondary: pg.replicas.get(1).copied() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map_with(sds_id: u64) -> MapView {
+        let pg_count = 8;
+        let pgs = (0..pg_count)
+            .map(|_| PgView {
+                epoch: 3,
+                replicas: vec![Replica { sds_id: 1, device_id: 11 }, Replica { sds_id: 2, device_id: 22 }],
+            })
+            .collect();
+        let mut m = MapView { sds_id, ..Default::default() };
+        m.pools.insert(5, PoolView { extent_size_bytes: 1 << 20, pg_count, pgs });
+        m
+    }
+
+    fn req(extent: u64, epoch: u64, flags: u32) -> IoHeader {
+        IoHeader {
+            pool_id: 5,
+            volume_id: 9,
+            extent_index: extent,
+            pg_id: pg_of_extent(9, extent, 8),
+            flags,
+            pg_epoch: epoch,
+            offset_in_extent: 0,
+            length: 4096,
+        }
+    }
+
+    #[test]
+    fn primary_serves_and_forwards() {
+        let role = check_io(&map_with(1), &req(0, 3, 0), true).unwrap();
+        assert!(matches!(role, Role::Primary { secondary: Some(Replica { sds_id: 2, .. }), .. }));
+    }
+
+    #[test]
+    fn epochs_fence_both_ways() {
+        assert_eq!(check_io(&map_with(1), &req(0, 2, 0), false), Err(status::STALE_EPOCH));
+        assert_eq!(check_io(&map_with(1), &req(0, 4, 0), false), Err(status::MAP_BEHIND));
+    }
+
+    #[test]
+    fn roles_are_enforced() {
+        assert_eq!(check_io(&map_with(2), &req(0, 3, 0), false), Err(status::WRONG_ROLE));
+        assert!(matches!(check_io(&map_with(2), &req(0, 3, flags::REPLICA), true), Ok(Role::Local { .. })));
+        assert_eq!(check_io(&map_with(1), &req(0, 3, flags::REPLICA), true), Err(status::WRONG_ROLE));
+        assert_eq!(check_io(&map_with(3), &req(0, 3, flags::LOCAL_ONLY), false), Err(status::WRONG_ROLE));
+    }
+
+    #[test]
+    fn malformed_requests_are_invalid() {
+        let mut h = req(0, 3, 0);
+        h.pg_id = (h.pg_id + 1) % 8;
+        assert_eq!(check_io(&map_with(1), &h, false), Err(status::INVALID));
+        let mut h = req(0, 3, 0);
+        h.offset_in_extent = (1 << 20) - 100;
+        assert_eq!(check_io(&map_with(1), &h, false), Err(status::INVALID));
+        let mut h = req(0, 3, 0);
+        h.offset_in_extent = u32::MAX;
+        h.length = u32::MAX;
+        assert_eq!(check_io(&map_with(1), &h, false), Err(status::INVALID));
+        let mut h = req(0, 3, 0);
+        h.pool_id = 77;
+        assert_eq!(check_io(&map_with(1), &h, false), Err(status::MAP_BEHIND));
+    }
+}

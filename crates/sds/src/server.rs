@@ -1,0 +1,317 @@
+//! Data request handling. One task reads a connection's frames; each request runs in its
+//! own task; replies go back through the connection's writer task, in completion order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tessera_proto::control::ControlClient;
+use tessera_proto::data::{flags, kind, status, IoHeader, IO_HEADER_BYTES};
+use tessera_proto::frame::FrameHeader;
+use tessera_proto::rpc::{read_request, spawn_response_writer, OutFrame, RpcClient};
+use tessera_proto::ClusterSecret;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::device::{Device, DeviceError, ExtentKey};
+use crate::map::{check_io, MapView, Role};
+use crate::range_lock::RangeLocks;
+
+/// A forwarded write or flush that takes longer than this fails the client's request
+/// (it is retried by the client; a write is never acked without both copies).
+pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct SdsState {
+    pub name: String,
+    pub secret: ClusterSecret,
+    pub cluster_id: [u8; 16],
+    pub control: ControlClient,
+    pub map: RwLock<Arc<MapView>>,
+    pub devices: RwLock<HashMap<u64, Arc<Device>>>,
+    peers: tokio::sync::Mutex<HashMap<u64, RpcClient>>,
+    locks: Arc<RangeLocks>,
+    /// SDSs this one forwarded writes to since its last flush: a client FLUSH must make
+    /// those copies durable too.
+    forwarded_since_flush: Mutex<HashSet<u64>>,
+    /// Wakes the heartbeat loop to refetch the map at once.
+    pub refresh: Notify,
+}
+
+fn device_status(e: &DeviceError) -> u32 {
+    match e {
+        DeviceError::OutOfRange { .. } | DeviceError::PgMismatch { .. } => status::INVALID,
+        DeviceError::Full => status::NO_SPACE,
+        _ => status::IO_ERROR,
+    }
+}
+
+impl SdsState {
+    pub fn new(name: String, secret: ClusterSecret, cluster_id: [u8; 16], control: ControlClient) -> SdsState {
+        SdsState {
+            name,
+            secret,
+            cluster_id,
+            control,
+            map: RwLock::new(Arc::new(MapView::default())),
+            devices: RwLock::new(HashMap::new()),
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+            locks: Arc::new(RangeLocks::default()),
+            forwarded_since_flush: Mutex::new(HashSet::new()),
+            refresh: Notify::new(),
+        }
+    }
+
+    pub fn map(&self) -> Arc<MapView> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn device(&self, device_id: u64) -> Option<Arc<Device>> {
+        self.devices.read().unwrap_or_else(|p| p.into_inner()).get(&device_id).cloned()
+    }
+
+    fn all_devices(&self) -> Vec<Arc<Device>> {
+        self.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    async fn peer(&self, sds_id: u64) -> Result<RpcClient, u32> {
+        let mut peers = self.peers.lock().await;
+        if let Some(c) = peers.get(&sds_id) {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = self.map().sds_addresses.get(&sds_id).cloned().ok_or(status::REPLICA_UNAVAILABLE)?;
+        match RpcClient::connect(&addr, &self.secret).await {
+            Ok(c) => {
+                peers.insert(sds_id, c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                tracing::warn!(sds_id, %addr, "cannot reach peer SDS: {e}");
+                Err(status::REPLICA_UNAVAILABLE)
+            }
+        }
+    }
+
+    /// Handles one request; returns (status, response payload).
+    pub async fn handle(self: &Arc<Self>, header: &FrameHeader, payload: Vec<u8>) -> (u32, Vec<u8>) {
+        match header.kind {
+            kind::READ => self.read(&payload).await,
+            kind::WRITE | kind::WRITE_ZEROES | kind::TRIM => self.write(header.kind, payload).await,
+            kind::FLUSH => self.flush(&payload).await,
+            kind::LIST_EXTENTS => self.list_extents(&payload),
+            kind::EXTENT_CHECKSUM => self.extent_checksum(&payload).await,
+            _ => (status::UNKNOWN_KIND, Vec::new()),
+        }
+    }
+
+    fn check(&self, h: &IoHeader, is_write: bool) -> Result<Role, u32> {
+        let verdict = check_io(&self.map(), h, is_write);
+        if verdict == Err(status::MAP_BEHIND) {
+            self.refresh.notify_one();
+        }
+        verdict
+    }
+
+    async fn read(&self, payload: &[u8]) -> (u32, Vec<u8>) {
+        let Some(h) = IoHeader::decode(payload) else { return (status::INVALID, Vec::new()) };
+        let local = match self.check(&h, false) {
+            Ok(Role::Primary { local, .. }) | Ok(Role::Local { local }) => local,
+            Err(s) => return (s, Vec::new()),
+        };
+        let Some(dev) = self.device(local.device_id) else { return (status::IO_ERROR, Vec::new()) };
+        let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
+        let result = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; h.length as usize];
+            dev.read(key, h.offset_in_extent, &mut buf).map(|_| buf)
+        })
+        .await;
+        match result {
+            Ok(Ok(buf)) => (status::OK, buf),
+            Ok(Err(e)) => {
+                tracing::warn!("read failed: {e}");
+                (device_status(&e), Vec::new())
+            }
+            Err(_) => (status::IO_ERROR, Vec::new()),
+        }
+    }
+
+    async fn write(self: &Arc<Self>, op: u16, payload: Vec<u8>) -> (u32, Vec<u8>) {
+        let Some(h) = IoHeader::decode(&payload) else { return (status::INVALID, Vec::new()) };
+        let data_len = payload.len() - IO_HEADER_BYTES;
+        if (op == kind::WRITE && data_len != h.length as usize) || (op != kind::WRITE && data_len != 0) {
+            return (status::INVALID, Vec::new());
+        }
+        let role = match self.check(&h, true) {
+            Ok(r) => r,
+            Err(s) => return (s, Vec::new()),
+        };
+        let payload = Arc::new(payload);
+        match role {
+            Role::Local { local } => (self.apply_local(op, h, local.device_id, payload).await, Vec::new()),
+            Role::Primary { local, secondary } => {
+                let end = h.offset_in_extent + h.length;
+                let _guard = self.locks.lock(h.volume_id, h.extent_index, h.offset_in_extent, end).await;
+                let local_write = self.apply_local(op, h, local.device_id, payload.clone());
+                let Some(secondary) = secondary else {
+                    // A PG always has two copies in this release; acking with one would break
+                    // the mirror promise, so refuse.
+                    return (status::REPLICA_UNAVAILABLE, Vec::new());
+                };
+                let forward = self.forward(op, h, secondary.sds_id, &payload);
+                let (local_status, forward_status) = tokio::join!(local_write, forward);
+                // Ack only when both copies have the write.
+                if local_status != status::OK {
+                    return (local_status, Vec::new());
+                }
+                (forward_status, Vec::new())
+            }
+        }
+    }
+
+    async fn apply_local(&self, op: u16, h: IoHeader, device_id: u64, payload: Arc<Vec<u8>>) -> u32 {
+        let Some(dev) = self.device(device_id) else { return status::IO_ERROR };
+        let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
+        let fua = h.flags & flags::FUA != 0;
+        let result = tokio::task::spawn_blocking(move || match op {
+            kind::WRITE => dev.write(key, h.pg_id, h.offset_in_extent, &payload[IO_HEADER_BYTES..], fua).map(|_| ()),
+            kind::WRITE_ZEROES => dev.write_zeroes(key, h.offset_in_extent, h.length).and_then(|_| {
+                if fua {
+                    dev.flush()
+                } else {
+                    Ok(())
+                }
+            }),
+            _ => dev.trim(key, h.offset_in_extent, h.length),
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => status::OK,
+            Ok(Err(e)) => {
+                tracing::warn!("local write failed: {e}");
+                device_status(&e)
+            }
+            Err(_) => status::IO_ERROR,
+        }
+    }
+
+    async fn forward(&self, op: u16, h: IoHeader, sds_id: u64, payload: &[u8]) -> u32 {
+        let Ok(peer) = self.peer(sds_id).await else { return status::REPLICA_UNAVAILABLE };
+        self.forwarded_since_flush.lock().unwrap_or_else(|p| p.into_inner()).insert(sds_id);
+        let forwarded = IoHeader { flags: h.flags | flags::REPLICA, ..h };
+        match peer.call(op, &[&forwarded.encode(), &payload[IO_HEADER_BYTES..]], PEER_CALL_TIMEOUT).await {
+            Ok(reply) => {
+                if reply.status != status::OK {
+                    tracing::warn!(sds_id, "secondary refused write: {}", status::name(reply.status));
+                }
+                // Epoch disagreements are the client's to resolve by refetching its map;
+                // anything else means the secondary does not have the write.
+                match reply.status {
+                    status::OK | status::STALE_EPOCH | status::MAP_BEHIND => reply.status,
+                    _ => status::REPLICA_UNAVAILABLE,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sds_id, "forwarding to secondary failed: {e}");
+                status::REPLICA_UNAVAILABLE
+            }
+        }
+    }
+
+    async fn flush(&self, payload: &[u8]) -> (u32, Vec<u8>) {
+        let local_only = payload.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).unwrap_or(0)
+            & flags::LOCAL_ONLY
+            != 0;
+        let peers: Vec<u64> = if local_only {
+            Vec::new()
+        } else {
+            self.forwarded_since_flush.lock().unwrap_or_else(|p| p.into_inner()).drain().collect()
+        };
+        let devices = self.all_devices();
+        let local = tokio::task::spawn_blocking(move || devices.iter().try_for_each(|d| d.flush())).await;
+        let mut result = match local {
+            Ok(Ok(())) => status::OK,
+            Ok(Err(e)) => {
+                tracing::warn!("flush failed: {e}");
+                status::IO_ERROR
+            }
+            Err(_) => status::IO_ERROR,
+        };
+        for sds_id in peers {
+            let ok = match self.peer(sds_id).await {
+                Ok(peer) => peer
+                    .call(kind::FLUSH, &[&flags::LOCAL_ONLY.to_le_bytes()], PEER_CALL_TIMEOUT)
+                    .await
+                    .is_ok_and(|r| r.status == status::OK),
+                Err(_) => false,
+            };
+            if !ok {
+                // Keep it owed: the next flush must try again.
+                self.forwarded_since_flush.lock().unwrap_or_else(|p| p.into_inner()).insert(sds_id);
+                result = status::REPLICA_UNAVAILABLE;
+            }
+        }
+        (result, Vec::new())
+    }
+
+    fn list_extents(&self, payload: &[u8]) -> (u32, Vec<u8>) {
+        let Some(volume_id) = payload.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) else {
+            return (status::INVALID, Vec::new());
+        };
+        let mut extents: Vec<u64> = self.all_devices().iter().flat_map(|d| d.extents_of_volume(volume_id)).collect();
+        extents.sort_unstable();
+        extents.dedup();
+        (status::OK, extents.iter().flat_map(|e| e.to_le_bytes()).collect())
+    }
+
+    async fn extent_checksum(&self, payload: &[u8]) -> (u32, Vec<u8>) {
+        let Some(mut h) = IoHeader::decode(payload) else { return (status::INVALID, Vec::new()) };
+        h.flags |= flags::LOCAL_ONLY;
+        h.offset_in_extent = 0;
+        h.length = 0;
+        let local = match self.check(&h, false) {
+            Ok(Role::Local { local }) | Ok(Role::Primary { local, .. }) => local,
+            Err(s) => return (s, Vec::new()),
+        };
+        let Some(dev) = self.device(local.device_id) else { return (status::IO_ERROR, Vec::new()) };
+        let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
+        match tokio::task::spawn_blocking(move || dev.extent_checksum(key)).await {
+            Ok(Ok(crc)) => (status::OK, crc.to_le_bytes().to_vec()),
+            Ok(Err(e)) => (device_status(&e), Vec::new()),
+            Err(_) => (status::IO_ERROR, Vec::new()),
+        }
+    }
+}
+
+/// Serves one authenticated data connection until it closes or sends garbage.
+pub async fn serve_connection(sds: Arc<SdsState>, mut stream: TcpStream) {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    if let Err(e) = tessera_proto::auth::authenticate_server(&mut stream, &sds.secret).await {
+        tracing::warn!(%peer, "data connection refused: {e}");
+        return;
+    }
+    stream.set_nodelay(true).ok();
+    let (read_half, write_half) = stream.into_split();
+    let replies = spawn_response_writer(write_half);
+    let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, read_half);
+    // Bounds the requests one connection has in progress (and so the memory it can pin).
+    let slots = Arc::new(tokio::sync::Semaphore::new(tessera_proto::rpc::MAX_INFLIGHT_PER_CONNECTION));
+    loop {
+        let (header, payload) = match read_request(&mut reader).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%peer, "closing data connection: {e}");
+                return;
+            }
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let sds = sds.clone();
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            let (status, body) = sds.handle(&header, payload).await;
+            let _ = replies.send(OutFrame::reply(&header, status, body)).await;
+            drop(slot);
+        });
+    }
+}
