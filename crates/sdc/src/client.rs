@@ -1,0 +1,309 @@
+//! Volume IO against the SDSs: splits requests at extent boundaries, routes each piece to
+//! its PG's primary, and retries through map refreshes when the cluster map moved.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tessera_core::layout::pg_of_extent;
+use tessera_core::{ClusterState, Volume};
+use tessera_proto::control::{ClientError, ControlClient};
+use tessera_proto::data::{flags, kind, status, IoHeader};
+use tessera_proto::rpc::RpcClient;
+use tessera_proto::ClusterSecret;
+
+/// One data request to an SDS that gets no reply in this time is retried.
+pub const DATA_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one IO keeps retrying (map refreshes, reconnects) before it fails the caller.
+pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IoFailure {
+    #[error("invalid request")]
+    Invalid,
+    #[error("no space")]
+    NoSpace,
+    #[error("I/O error")]
+    Io,
+}
+
+/// The parts of the cluster map an SDC uses.
+#[derive(Debug, Clone, Default)]
+pub struct ClientMap {
+    pub version: u64,
+    pub state: ClusterState,
+}
+
+pub struct DataClient {
+    pub control: ControlClient,
+    secret: ClusterSecret,
+    map: RwLock<Arc<ClientMap>>,
+    /// Incremented by every completed refresh; lets concurrent failures share one refresh.
+    refresh_count: std::sync::atomic::AtomicU64,
+    refresh_lock: tokio::sync::Mutex<()>,
+    connections: Mutex<HashMap<u64, RpcClient>>,
+    /// Per volume: SDSs that took writes since the volume's last flush.
+    unflushed: Mutex<HashMap<u64, HashSet<u64>>>,
+}
+
+impl DataClient {
+    pub fn new(control: ControlClient, secret: ClusterSecret) -> DataClient {
+        DataClient {
+            control,
+            secret,
+            map: RwLock::new(Arc::new(ClientMap::default())),
+            refresh_count: Default::default(),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            connections: Mutex::new(HashMap::new()),
+            unflushed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn map(&self) -> Arc<ClientMap> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn refreshes(&self) -> u64 {
+        self.refresh_count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Refetches the map unless another caller refreshed since `seen` (single flight).
+    pub async fn refresh(&self, seen: u64) -> Result<(), ClientError> {
+        let _g = self.refresh_lock.lock().await;
+        if self.refreshes() != seen {
+            return Ok(());
+        }
+        let view = self.control.state().await?;
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ClientMap { version: view.version, state: view.state });
+        self.refresh_count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+
+    pub async fn refresh_now(&self) -> Result<(), ClientError> {
+        self.refresh(self.refreshes()).await
+    }
+
+    async fn connection(&self, sds_id: u64, map: &ClientMap) -> Option<RpcClient> {
+        if let Some(c) = self.connections.lock().unwrap_or_else(|p| p.into_inner()).get(&sds_id) {
+            if !c.is_closed() {
+                return Some(c.clone());
+            }
+        }
+        let addr = map.state.sdss.get(&sds_id)?.data_address.clone();
+        match RpcClient::connect(&addr, &self.secret).await {
+            Ok(c) => {
+                self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(sds_id, c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(sds_id, %addr, "cannot reach SDS: {e}");
+                None
+            }
+        }
+    }
+
+    /// Sends one request for one piece of one extent to the PG primary, retrying through
+    /// map changes. `data` is the WRITE payload (empty otherwise).
+    async fn extent_call(
+        &self,
+        op: u16,
+        volume: &Volume,
+        extent_index: u64,
+        offset_in_extent: u32,
+        length: u32,
+        io_flags: u32,
+        data: &[u8],
+    ) -> Result<Vec<u8>, IoFailure> {
+        let deadline = tokio::time::Instant::now() + IO_RETRY_BUDGET;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let seen = self.refreshes();
+            let map = self.map();
+            let outcome = self.try_extent_call(op, volume, extent_index, offset_in_extent, length, io_flags, data, &map).await;
+            let retry_after_refresh = match outcome {
+                Ok(payload) => return Ok(payload),
+                Err(Attempt::Fatal(f)) => return Err(f),
+                Err(Attempt::RefreshAndRetry) => true,
+                Err(Attempt::Retry) => false,
+            };
+            if tokio::time::Instant::now() > deadline {
+                tracing::error!(volume = %volume.name, extent_index, "IO failed after retrying for {IO_RETRY_BUDGET:?}");
+                return Err(IoFailure::Io);
+            }
+            if retry_after_refresh {
+                if let Err(e) = self.refresh(seen).await {
+                    tracing::warn!("map refresh failed: {e}");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn try_extent_call(
+        &self,
+        op: u16,
+        volume: &Volume,
+        extent_index: u64,
+        offset_in_extent: u32,
+        length: u32,
+        io_flags: u32,
+        data: &[u8],
+        map: &ClientMap,
+    ) -> Result<Vec<u8>, Attempt> {
+        let pool = map.state.pools.get(&volume.pool_id).ok_or(Attempt::RefreshAndRetry)?;
+        let pg_id = pg_of_extent(volume.id, extent_index, pool.pg_count);
+        let pg = pool.pgs.get(pg_id as usize).ok_or(Attempt::RefreshAndRetry)?;
+        let primary = pg.replicas.first().ok_or(Attempt::RefreshAndRetry)?;
+        let conn = self.connection(primary.sds_id, map).await.ok_or(Attempt::RefreshAndRetry)?;
+        let header = IoHeader {
+            pool_id: volume.pool_id,
+            volume_id: volume.id,
+            extent_index,
+            pg_id,
+            flags: io_flags,
+            pg_epoch: pg.epoch,
+            offset_in_extent,
+            length,
+        };
+        if op != kind::READ {
+            self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).entry(volume.id).or_default().insert(primary.sds_id);
+        }
+        let reply = match conn.call(op, &[&header.encode(), data], DATA_CALL_TIMEOUT).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(sds_id = primary.sds_id, "data call failed: {e}");
+                return Err(Attempt::RefreshAndRetry);
+            }
+        };
+        match reply.status {
+            status::OK => {
+                if op == kind::READ && reply.payload.len() != length as usize {
+                    tracing::error!("SDS returned {} bytes for a {length}-byte read", reply.payload.len());
+                    return Err(Attempt::Fatal(IoFailure::Io));
+                }
+                Ok(reply.payload)
+            }
+            status::STALE_EPOCH | status::WRONG_ROLE | status::REPLICA_UNAVAILABLE | status::NOT_READY => {
+                Err(Attempt::RefreshAndRetry)
+            }
+            status::MAP_BEHIND => Err(Attempt::Retry),
+            status::NO_SPACE => Err(Attempt::Fatal(IoFailure::NoSpace)),
+            status::INVALID => Err(Attempt::Fatal(IoFailure::Invalid)),
+            other => {
+                tracing::error!("SDS replied {}", status::name(other));
+                Err(Attempt::Fatal(IoFailure::Io))
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at byte `offset` of the volume.
+    pub async fn read(&self, volume: &Volume, extent_size: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoFailure> {
+        let mut done = 0usize;
+        for piece in pieces(offset, buf.len() as u64, extent_size) {
+            let bytes = self.extent_call(kind::READ, volume, piece.extent_index, piece.offset_in_extent, piece.len, 0, &[]).await?;
+            buf[done..done + piece.len as usize].copy_from_slice(&bytes);
+            done += piece.len as usize;
+        }
+        Ok(())
+    }
+
+    pub async fn write(&self, volume: &Volume, extent_size: u32, offset: u64, data: &[u8], fua: bool) -> Result<(), IoFailure> {
+        let io_flags = if fua { flags::FUA } else { 0 };
+        let mut done = 0usize;
+        for piece in pieces(offset, data.len() as u64, extent_size) {
+            let chunk = &data[done..done + piece.len as usize];
+            self.extent_call(kind::WRITE, volume, piece.extent_index, piece.offset_in_extent, piece.len, io_flags, chunk).await?;
+            done += piece.len as usize;
+        }
+        Ok(())
+    }
+
+    /// WRITE_ZEROES or TRIM over a range.
+    pub async fn zero(&self, op: u16, volume: &Volume, extent_size: u32, offset: u64, len: u64, fua: bool) -> Result<(), IoFailure> {
+        let io_flags = if fua { flags::FUA } else { 0 };
+        for piece in pieces(offset, len, extent_size) {
+            self.extent_call(op, volume, piece.extent_index, piece.offset_in_extent, piece.len, io_flags, &[]).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write to the volume durable on both copies: each primary that
+    /// took writes flushes itself and the secondaries it forwarded to.
+    pub async fn flush(&self, volume_id: u64) -> Result<(), IoFailure> {
+        let owed: Vec<u64> =
+            self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&volume_id).map(|s| s.drain().collect()).unwrap_or_default();
+        let map = self.map();
+        let mut failed = Vec::new();
+        for sds_id in owed {
+            let ok = match self.connection(sds_id, &map).await {
+                Some(c) => c.call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT).await.is_ok_and(|r| r.status == status::OK),
+                None => false,
+            };
+            if !ok {
+                failed.push(sds_id);
+            }
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        // Still owed: a later flush must try again.
+        self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).entry(volume_id).or_default().extend(failed);
+        Err(IoFailure::Io)
+    }
+}
+
+enum Attempt {
+    Fatal(IoFailure),
+    /// The map may be out of date: refresh it, then retry.
+    RefreshAndRetry,
+    /// The server is catching up; retry as is.
+    Retry,
+}
+
+/// One piece of a volume range that lies inside a single extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub extent_index: u64,
+    pub offset_in_extent: u32,
+    pub len: u32,
+}
+
+/// Splits `[offset, offset + len)` at extent boundaries.
+pub fn pieces(offset: u64, len: u64, extent_size: u32) -> impl Iterator<Item = Piece> {
+    let extent = u64::from(extent_size);
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let in_extent = at % extent;
+        let take = (extent - in_extent).min(end - at);
+        let p = Piece { extent_index: at / extent, offset_in_extent: in_extent as u32, len: take as u32 };
+        at += take;
+        Some(p)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_extent_boundaries() {
+        let v: Vec<_> = pieces(1000, 3000, 1024).collect();
+        assert_eq!(
+            v,
+            vec![
+                Piece { extent_index: 0, offset_in_extent: 1000, len: 24 },
+                Piece { extent_index: 1, offset_in_extent: 0, len: 1024 },
+                Piece { extent_index: 2, offset_in_extent: 0, len: 1024 },
+                Piece { extent_index: 3, offset_in_extent: 0, len: 928 },
+            ]
+        );
+        assert_eq!(pieces(0, 0, 1024).count(), 0);
+        assert_eq!(pieces(2048, 1024, 1024).collect::<Vec<_>>(), vec![Piece { extent_index: 2, offset_in_extent: 0, len: 1024 }]);
+    }
+}

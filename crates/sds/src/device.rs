@@ -1,0 +1,675 @@
+//! The extent store of one SDS device (a regular file or a raw block device).
+//!
+//! A device holds extents of volumes in fixed-size *slots*. A slot is taken on an extent's
+//! first write (thin provisioning) and given back when the whole extent is zeroed, trimmed
+//! or its volume removed. The API is synchronous (`pread`/`pwrite`) and every method takes
+//! `&self`: the SDS calls it from a pool of blocking threads.
+//!
+//! # On-disk layout (version 1; all integers little-endian, fixed width)
+//!
+//! | region      | offset                                  | size                        |
+//! |-------------|-----------------------------------------|-----------------------------|
+//! | superblock  | 0                                       | 4 KiB                       |
+//! | slot table  | `slot_table_offset` (= 4096)            | `slot_count` × 64 bytes     |
+//! | padding     | end of table                            | up to the next 1 MiB        |
+//! | data slots  | `data_offset` (1 MiB-aligned)           | `slot_count` × extent size  |
+//!
+//! Slot `i`'s record is at `slot_table_offset + 64 i`; its data at `data_offset + i × extent`.
+//!
+//! Superblock (bytes 68..4096 are zero and not checksummed):
+//!
+//! | bytes  | field               | type       | meaning                                   |
+//! |--------|---------------------|------------|-------------------------------------------|
+//! | 0..8   | magic               | `[u8; 8]`  | `b"TESSDEV1"`                             |
+//! | 8..12  | layout version      | u32        | 1                                         |
+//! | 12..28 | cluster_id          | `[u8; 16]` | the cluster this device belongs to        |
+//! | 28..36 | device_id           | u64        | the MDM's id for this device              |
+//! | 36..40 | extent_size_bytes   | u32        | power of two, 4 KiB ..= 64 MiB            |
+//! | 40..48 | slot_count          | u64        | 1 ..= 2^24                                |
+//! | 48..56 | slot_table_offset   | u64        | 4096                                      |
+//! | 56..64 | data_offset         | u64        | ≥ end of table, 1 MiB-aligned when formatted here |
+//! | 64..68 | checksum            | u32        | crc32c of bytes 0..64                     |
+//!
+//! Slot record (64 bytes; an all-zero record is a never-used free slot and has no checksum):
+//!
+//! | bytes  | field        | type | meaning                                                    |
+//! |--------|--------------|------|------------------------------------------------------------|
+//! | 0      | state        | u8   | 1 = free, 2 = used (0 only in an all-zero record)          |
+//! | 1..4   | reserved     |      | zero                                                       |
+//! | 4..8   | pg_id        | u32  | placement group of the extent (used)                       |
+//! | 8..16  | slot_index   | u64  | this record's own slot number: catches misdirected writes  |
+//! | 16..24 | volume_id    | u64  | (used)                                                     |
+//! | 24..32 | extent_index | u64  | (used)                                                     |
+//! | 32..40 | generation   | u64  | device-wide counter value taken when allocated or freed    |
+//! | 40..60 | reserved     |      | zero                                                       |
+//! | 60..64 | checksum     | u32  | crc32c of bytes 0..60                                      |
+//!
+//! # Generations
+//! Every allocation and every free takes the next value of one device-wide counter and
+//! stores it in the slot's record. Freed slots keep a checksummed free record (not zeros)
+//! carrying their free generation, so the highest value ever handed out stays on disk and
+//! `max(record generations) + 1` on open never goes backwards. Delta rebuild relies on that.
+//!
+//! # Durability and zeroing
+//! Allocation: zero the slot's data area → fdatasync → write the used record → fdatasync →
+//! write the data. The record is durable before the data write (and so before any ack),
+//! so an acknowledged write never lives in a slot that a restart would consider free.
+//! The zeroing is durable before the record, so after a crash at any point an allocated
+//! slot reads as zeros except where acknowledged (or in-flight) writes landed — never as a
+//! previous occupant's data, which could belong to another volume.
+//!
+//! Why zero on allocation rather than on free/format: it needs no assumption about what the
+//! device held before (reused disks, forced reformat), costs a metadata-only hole punch on
+//! files and WRITE ZEROES on capable block devices, and is paid once per extent lifetime.
+//! Zeroing at format would instead write a whole disk that lacks WRITE ZEROES (hours on a
+//! large HDD) before it could be used. Frees punch holes too, but only best-effort, to
+//! return space; correctness never depends on it.
+//!
+//! Data writes are not durable until `flush` (or `durable = true`, FUA), matching the
+//! block-device contract the SDC exports.
+//!
+//! # Concurrency and lock order
+//! - `index` (RwLock): extent → slot map, free list, generation counter. Held only for
+//!   in-memory work, never across IO.
+//! - `slots[i]` (one RwLock per slot, holding the slot's current owner): data IO holds it
+//!   shared; allocation and free hold it exclusively across their metadata IO. IO to
+//!   different extents therefore never waits on a common lock, and a slot can never be
+//!   freed or reused under an IO that is still reading or writing it.
+//! - Order: a thread holding slot locks may take `index`. A thread holding `index` may take
+//!   only the lock of a slot it has just popped from the free list; nobody holding a free
+//!   slot's lock waits for anything, so there is no cycle. Several slot locks are taken in
+//!   ascending slot order.
+//! - Invariant: while `index` maps key K to slot S, either S's owner is K, or S's lock is
+//!   held exclusively by the thread that is allocating or freeing K. So a reader that finds
+//!   S's owner is not K after locking S saw a completed free, and simply looks again.
+//! - Every slot is in exactly one of: the free list, the index, or (only after a failed
+//!   metadata write, which fails the device) quarantined until reopen.
+
+mod error;
+mod layout;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+pub use error::DeviceError;
+use layout::{extent_size_is_valid, SlotRecord, Superblock, FIRST_GENERATION};
+pub use layout::{
+    ExtentKey, LAYOUT_VERSION, MAX_EXTENT_SIZE_BYTES, MAX_SLOT_COUNT, MIN_EXTENT_SIZE_BYTES, SLOT_RECORD_SIZE_BYTES,
+    SUPERBLOCK_MAGIC, SUPERBLOCK_SIZE_BYTES,
+};
+use sys::io_error;
+
+/// How much of the slot table `open` reads per call; bounds its memory on big devices.
+const TABLE_READ_CHUNK_BYTES: usize = 1 << 20;
+/// How many slots one step of `remove_volume` frees under a single pair of fdatasyncs.
+/// Bounds the slot locks held at once and the memory of a step.
+const FREE_BATCH_SLOTS: usize = 1024;
+/// Buffer size `extent_checksum` reads with.
+const CHECKSUM_READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// What `format` writes into the superblock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FormatParams {
+    pub cluster_id: [u8; 16],
+    pub device_id: u64,
+    pub extent_size_bytes: u32,
+}
+
+/// Who holds a slot, as the slot's own lock sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotOwner {
+    key: ExtentKey,
+    pg_id: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mapping {
+    slot: u64,
+    pg_id: u32,
+    generation: u64,
+    /// False while the allocating thread is still making the record durable. Listings
+    /// skip such extents; IO to them waits on the slot lock the allocator holds.
+    durable: bool,
+}
+
+#[derive(Debug)]
+struct Index {
+    /// Ordered, so a volume's extents are one range (listings, removal).
+    by_key: BTreeMap<ExtentKey, Mapping>,
+    /// Used as a stack; filled in descending order so the lowest slots are used first.
+    free_slots: Vec<u64>,
+    next_generation: u64,
+    /// Slots with a durable used record.
+    used_extents: u64,
+}
+
+impl Index {
+    fn take_generation(&mut self) -> u64 {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        generation
+    }
+}
+
+/// One open device. Dropping it closes the file and releases its lock.
+#[derive(Debug)]
+pub struct Device {
+    path: PathBuf,
+    file: File,
+    is_block_device: bool,
+    superblock: Superblock,
+    index: RwLock<Index>,
+    /// Lock and current owner of each slot, indexed by slot number.
+    slots: Box<[RwLock<Option<SlotOwner>>]>,
+    /// Set when a metadata write failed: memory and disk may then disagree, so the device
+    /// refuses all further work until it is reopened from what the disk says.
+    failed: AtomicBool,
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().expect("device lock poisoned: a thread panicked on a device invariant")
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().expect("device lock poisoned: a thread panicked on a device invariant")
+}
+
+fn volume_range(volume_id: u64) -> std::ops::RangeInclusive<ExtentKey> {
+    ExtentKey { volume_id, extent_index: 0 }..=ExtentKey { volume_id, extent_index: u64::MAX }
+}
+
+impl Device {
+    /// Writes a fresh superblock and an empty slot table. The target must exist (create and
+    /// size a file first); its size is the file length or the block device size.
+    ///
+    /// Refuses with `AlreadyFormatted` if the target starts with the Tessera magic — valid
+    /// superblock or damaged one, since a damaged device may still hold data someone wants —
+    /// unless `force`. Refuses with `Busy` if the target is mounted or open elsewhere.
+    pub fn format(path: &Path, params: &FormatParams, force: bool) -> Result<(), DeviceError> {
+        if !extent_size_is_valid(params.extent_size_bytes) {
+            return Err(DeviceError::InvalidExtentSize { extent_size_bytes: params.extent_size_bytes });
+        }
+        let file = sys::open_exclusive(path)?;
+        let size_bytes = sys::size_bytes(&file).map_err(io_error(path, "measure device"))?;
+        let superblock = Superblock::plan(params.cluster_id, params.device_id, params.extent_size_bytes, size_bytes)
+            .ok_or(DeviceError::TooSmall { size_bytes, extent_size_bytes: params.extent_size_bytes })?;
+        if superblock.slot_count == MAX_SLOT_COUNT {
+            tracing::warn!(path = %path.display(), slot_count = MAX_SLOT_COUNT, "device larger than the slot limit; the rest stays unused");
+        }
+
+        let mut old = [0u8; SUPERBLOCK_SIZE_BYTES as usize];
+        file.read_exact_at(&mut old, 0).map_err(io_error(path, "read old superblock"))?;
+        let had_superblock = Superblock::has_magic(&old);
+        if had_superblock && !force {
+            return Err(DeviceError::AlreadyFormatted);
+        }
+        let sync = |context| file.sync_data().map_err(io_error(path, context));
+
+        // Invalidate the old superblock first: a crash part-way through then leaves an
+        // unformatted device, never an old superblock above a half-cleared slot table.
+        if had_superblock {
+            file.write_all_at(&[0u8; SUPERBLOCK_SIZE_BYTES as usize], 0)
+                .map_err(io_error(path, "erase old superblock"))?;
+            sync("sync erased superblock")?;
+        }
+        sys::zero_range(&file, superblock.slot_table_offset, superblock.slot_table_bytes())
+            .map_err(io_error(path, "clear slot table"))?;
+        if !file.metadata().map_err(io_error(path, "stat device"))?.file_type().is_block_device() {
+            // A reformatted file becomes sparse again. Skipped on block devices, where a
+            // whole-disk discard can be slow; allocation zeroes slots anyway.
+            let data_bytes = size_bytes - superblock.data_offset;
+            if let Err(e) = sys::punch_hole(&file, superblock.data_offset, data_bytes) {
+                tracing::debug!(path = %path.display(), error = %e, "could not punch the data area; continuing");
+            }
+        }
+        sync("sync slot table")?;
+        file.write_all_at(&superblock.encode(), 0).map_err(io_error(path, "write superblock"))?;
+        sync("sync superblock")?;
+        tracing::info!(
+            path = %path.display(),
+            device_id = params.device_id,
+            slot_count = superblock.slot_count,
+            extent_size_bytes = params.extent_size_bytes,
+            "formatted device"
+        );
+        Ok(())
+    }
+
+    /// Opens a formatted device of cluster `expected_cluster_id`: checks the superblock,
+    /// reads and checks every slot record, and builds the index. Any record that fails its
+    /// checks is an error naming the slot — corrupt metadata is never served or dropped.
+    pub fn open(path: &Path, expected_cluster_id: [u8; 16]) -> Result<Device, DeviceError> {
+        let file = sys::open_exclusive(path)?;
+        let is_block_device = file.metadata().map_err(io_error(path, "stat device"))?.file_type().is_block_device();
+        let size_bytes = sys::size_bytes(&file).map_err(io_error(path, "measure device"))?;
+        if size_bytes < SUPERBLOCK_SIZE_BYTES {
+            return Err(DeviceError::NotFormatted);
+        }
+        let mut block = [0u8; SUPERBLOCK_SIZE_BYTES as usize];
+        file.read_exact_at(&mut block, 0).map_err(io_error(path, "read superblock"))?;
+        let superblock = Superblock::decode(&block)?;
+        if superblock.cluster_id != expected_cluster_id {
+            return Err(DeviceError::WrongCluster { expected: expected_cluster_id, found: superblock.cluster_id });
+        }
+        superblock.validate(size_bytes)?;
+
+        let (index, owners) = Self::load_slot_table(path, &file, &superblock)?;
+        tracing::info!(
+            path = %path.display(),
+            device_id = superblock.device_id,
+            slot_count = superblock.slot_count,
+            used_extents = index.used_extents,
+            "opened device"
+        );
+        let slots = owners.into_iter().map(RwLock::new).collect();
+        Ok(Device {
+            path: path.to_path_buf(),
+            file,
+            is_block_device,
+            superblock,
+            index: RwLock::new(index),
+            slots,
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    fn load_slot_table(
+        path: &Path,
+        file: &File,
+        superblock: &Superblock,
+    ) -> Result<(Index, Vec<Option<SlotOwner>>), DeviceError> {
+        // validate() bounded slot_count by MAX_SLOT_COUNT, so these allocations are bounded.
+        let slot_count = superblock.slot_count as usize;
+        let mut owners = vec![None; slot_count];
+        let mut by_key: BTreeMap<ExtentKey, Mapping> = BTreeMap::new();
+        let mut max_generation = 0u64;
+        let table_bytes = superblock.slot_table_bytes();
+        let mut chunk = vec![0u8; (table_bytes as usize).min(TABLE_READ_CHUNK_BYTES)];
+        let mut slot = 0u64;
+        let mut read_bytes = 0u64;
+        while read_bytes < table_bytes {
+            let len = (table_bytes - read_bytes).min(chunk.len() as u64) as usize;
+            let buf = &mut chunk[..len];
+            file.read_exact_at(buf, superblock.slot_table_offset + read_bytes)
+                .map_err(io_error(path, "read slot table"))?;
+            for raw in buf.chunks_exact(SLOT_RECORD_SIZE_BYTES as usize) {
+                let record = SlotRecord::decode(slot, raw)?;
+                max_generation = max_generation.max(record.generation());
+                if let SlotRecord::Used { key, pg_id, generation } = record {
+                    let mapping = Mapping { slot, pg_id, generation, durable: true };
+                    if let Some(first) = by_key.insert(key, mapping) {
+                        return Err(DeviceError::DuplicateExtent { key, first_slot: first.slot, second_slot: slot });
+                    }
+                    owners[slot as usize] = Some(SlotOwner { key, pg_id });
+                }
+                slot += 1;
+            }
+            read_bytes += len as u64;
+        }
+        assert_eq!(slot, superblock.slot_count);
+        let free_slots: Vec<u64> = (0..superblock.slot_count).rev().filter(|&s| owners[s as usize].is_none()).collect();
+        let used_extents = by_key.len() as u64;
+        // Each slot is in the free list xor the index.
+        assert_eq!(free_slots.len() as u64 + used_extents, superblock.slot_count);
+        let index =
+            Index { by_key, free_slots, next_generation: (max_generation + 1).max(FIRST_GENERATION), used_extents };
+        Ok((index, owners))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn device_id(&self) -> u64 {
+        self.superblock.device_id
+    }
+
+    pub fn extent_size_bytes(&self) -> u32 {
+        self.superblock.extent_size_bytes
+    }
+
+    pub fn capacity_extents(&self) -> u64 {
+        self.superblock.slot_count
+    }
+
+    pub fn used_extents(&self) -> u64 {
+        read_lock(&self.index).used_extents
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    /// Reads `buf.len()` bytes at `offset_in_extent`. An unallocated extent reads as zeros.
+    pub fn read(&self, key: ExtentKey, offset_in_extent: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.check_usable()?;
+        self.check_range(offset_in_extent, buf.len() as u64)?;
+        loop {
+            let Some(mapping) = self.lookup(key) else {
+                buf.fill(0);
+                return Ok(());
+            };
+            let owner = read_lock(&self.slots[mapping.slot as usize]);
+            if owner.map(|o| o.key) != Some(key) {
+                continue; // freed since the lookup (see the index invariant): look again
+            }
+            let position = self.data_position(mapping.slot, offset_in_extent, buf.len() as u64);
+            return self.file.read_exact_at(buf, position).map_err(self.io_error("read data"));
+        }
+    }
+
+    /// Writes `data` at `offset_in_extent`, allocating the extent's slot on its first write.
+    /// With `durable` (FUA) the data is on stable storage before this returns. Returns
+    /// whether this write allocated the slot. `pg_id` is recorded on allocation; a later
+    /// write naming another PG is refused, since the caller's map then disagrees with disk.
+    pub fn write(
+        &self,
+        key: ExtentKey,
+        pg_id: u32,
+        offset_in_extent: u32,
+        data: &[u8],
+        durable: bool,
+    ) -> Result<bool, DeviceError> {
+        self.check_usable()?;
+        self.check_range(offset_in_extent, data.len() as u64)?;
+        if data.is_empty() {
+            // Nothing to store: do not take a slot for it.
+            return Ok(false);
+        }
+        loop {
+            if let Some(mapping) = self.lookup(key) {
+                let slot_guard = read_lock(&self.slots[mapping.slot as usize]);
+                match *slot_guard {
+                    Some(owner) if owner.key == key && owner.pg_id != pg_id => {
+                        return Err(DeviceError::PgMismatch { key, recorded: owner.pg_id, requested: pg_id });
+                    }
+                    Some(owner) if owner.key == key => {
+                        // The shared slot lock is held across the data IO: the slot cannot be
+                        // freed or reused under this write.
+                        self.write_data(mapping.slot, offset_in_extent, data, durable)?;
+                        return Ok(false);
+                    }
+                    _ => continue, // freed (and maybe reused) since the lookup: look again
+                }
+            }
+            if self.allocate_and_write(key, pg_id, offset_in_extent, data, durable)? {
+                return Ok(true);
+            }
+            // Another thread allocated this extent between our lookup and our allocation.
+        }
+    }
+
+    /// Allocates a slot for `key` and writes `data` into it. Returns false, doing nothing,
+    /// if `key` is already mapped (a concurrent first write won the race).
+    fn allocate_and_write(
+        &self,
+        key: ExtentKey,
+        pg_id: u32,
+        offset_in_extent: u32,
+        data: &[u8],
+        durable: bool,
+    ) -> Result<bool, DeviceError> {
+        let mut index = write_lock(&self.index);
+        if index.by_key.contains_key(&key) {
+            return Ok(false);
+        }
+        let slot = index.free_slots.pop().ok_or(DeviceError::Full)?;
+        let generation = index.take_generation();
+        // Lock order: holding the index we may lock only a slot just taken from the free
+        // list. Taking it before publishing the mapping keeps the index invariant: IO that
+        // finds the new mapping waits here until the record is durable.
+        let mut owner = write_lock(&self.slots[slot as usize]);
+        assert!(owner.is_none(), "slot {slot} is in the free list but has an owner");
+        index.by_key.insert(key, Mapping { slot, pg_id, generation, durable: false });
+        drop(index);
+
+        let persisted = self.persist_allocation(slot, key, pg_id, generation);
+        let mut index = write_lock(&self.index);
+        if let Err(e) = persisted {
+            // The record may or may not be on disk. Reusing the slot could leave two records
+            // for one extent; fail the device and let a reopen read what the disk says.
+            index.by_key.remove(&key);
+            drop(index);
+            self.fail(&e);
+            return Err(e);
+        }
+        *owner = Some(SlotOwner { key, pg_id });
+        let mapping = index.by_key.get_mut(&key).expect("allocating thread owns the mapping");
+        assert_eq!((mapping.slot, mapping.durable), (slot, false));
+        mapping.durable = true;
+        index.used_extents += 1;
+        drop(index);
+        // Still holding the slot exclusively: concurrent writers of this extent wait, and
+        // see the data in order after ours.
+        self.write_data(slot, offset_in_extent, data, durable)?;
+        Ok(true)
+    }
+
+    /// Zero the slot, then make the used record durable; see "Durability and zeroing".
+    fn persist_allocation(&self, slot: u64, key: ExtentKey, pg_id: u32, generation: u64) -> Result<(), DeviceError> {
+        let extent_bytes = u64::from(self.superblock.extent_size_bytes);
+        sys::zero_range(&self.file, self.superblock.slot_data_offset(slot), extent_bytes)
+            .map_err(self.io_error("zero new slot"))?;
+        self.file.sync_data().map_err(self.io_error("sync zeroed slot"))?;
+        let record = SlotRecord::Used { key, pg_id, generation }.encode(slot);
+        self.file
+            .write_all_at(&record, self.superblock.slot_record_offset(slot))
+            .map_err(self.io_error("write slot record"))?;
+        self.file.sync_data().map_err(self.io_error("sync slot record"))
+    }
+
+    /// Writes into a slot the caller holds (shared or exclusive) for its current owner.
+    fn write_data(&self, slot: u64, offset_in_extent: u32, data: &[u8], durable: bool) -> Result<(), DeviceError> {
+        let position = self.data_position(slot, offset_in_extent, data.len() as u64);
+        self.file.write_all_at(data, position).map_err(self.io_error("write data"))?;
+        if durable {
+            self.file.sync_data().map_err(self.io_error("sync data (FUA)"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes a range read as zeros. Zeroing a whole extent frees its slot (durably).
+    /// Not durable until `flush` otherwise, like any write.
+    pub fn write_zeroes(&self, key: ExtentKey, offset_in_extent: u32, len: u32) -> Result<(), DeviceError> {
+        self.check_usable()?;
+        self.check_range(offset_in_extent, u64::from(len))?;
+        if offset_in_extent == 0 && len == self.superblock.extent_size_bytes {
+            self.free_extents(&[key], |owner| owner == key)?;
+            return Ok(());
+        }
+        loop {
+            let Some(mapping) = self.lookup(key) else {
+                return Ok(()); // unallocated: already reads as zeros
+            };
+            let owner = read_lock(&self.slots[mapping.slot as usize]);
+            if owner.map(|o| o.key) != Some(key) {
+                continue;
+            }
+            let position = self.data_position(mapping.slot, offset_in_extent, u64::from(len));
+            return sys::zero_range(&self.file, position, u64::from(len)).map_err(self.io_error("zero range"));
+        }
+    }
+
+    /// Discards a range. Our contract is that trimmed ranges read as zeros, so this is
+    /// `write_zeroes`: a whole-extent trim frees the slot, a partial one punches a hole.
+    pub fn trim(&self, key: ExtentKey, offset_in_extent: u32, len: u32) -> Result<(), DeviceError> {
+        self.write_zeroes(key, offset_in_extent, len)
+    }
+
+    /// Everything written before this call is durable when it returns.
+    pub fn flush(&self) -> Result<(), DeviceError> {
+        self.check_usable()?;
+        self.file.sync_data().map_err(self.io_error("flush"))
+    }
+
+    /// Allocated extent indexes of a volume, ascending.
+    pub fn extents_of_volume(&self, volume_id: u64) -> Vec<u64> {
+        let index = read_lock(&self.index);
+        index.by_key.range(volume_range(volume_id)).filter(|(_, m)| m.durable).map(|(k, _)| k.extent_index).collect()
+    }
+
+    /// Every allocated extent with its PG and allocation generation, in key order.
+    pub fn allocated_extents(&self) -> Vec<(ExtentKey, u32, u64)> {
+        let index = read_lock(&self.index);
+        index.by_key.iter().filter(|(_, m)| m.durable).map(|(k, m)| (*k, m.pg_id, m.generation)).collect()
+    }
+
+    /// Frees every extent of a volume, durably. Returns how many were freed.
+    pub fn remove_volume(&self, volume_id: u64) -> Result<u64, DeviceError> {
+        self.check_usable()?;
+        let keys: Vec<ExtentKey> =
+            read_lock(&self.index).by_key.range(volume_range(volume_id)).map(|(k, _)| *k).collect();
+        let mut freed = 0;
+        for batch in keys.chunks(FREE_BATCH_SLOTS) {
+            freed += self.free_extents(batch, |owner| owner.volume_id == volume_id)?;
+        }
+        Ok(freed)
+    }
+
+    /// crc32c of an extent's full contents (zeros if unallocated), for copy verification.
+    pub fn extent_checksum(&self, key: ExtentKey) -> Result<u32, DeviceError> {
+        self.check_usable()?;
+        let extent_bytes = self.superblock.extent_size_bytes as usize;
+        loop {
+            let Some(mapping) = self.lookup(key) else {
+                return Ok(zeros_checksum(extent_bytes));
+            };
+            let owner = read_lock(&self.slots[mapping.slot as usize]);
+            if owner.map(|o| o.key) != Some(key) {
+                continue;
+            }
+            // Not the IO path: one buffer per call is fine, and bounded.
+            let mut buf = vec![0u8; extent_bytes.min(CHECKSUM_READ_CHUNK_BYTES)];
+            let mut crc = 0u32;
+            let mut done = 0usize;
+            while done < extent_bytes {
+                let len = (extent_bytes - done).min(buf.len());
+                let position = self.data_position(mapping.slot, done as u32, len as u64);
+                self.file.read_exact_at(&mut buf[..len], position).map_err(self.io_error("read data for checksum"))?;
+                crc = crc32c::crc32c_append(crc, &buf[..len]);
+                done += len;
+            }
+            return Ok(crc);
+        }
+    }
+
+    /// Frees the slots of `keys` whose current owner satisfies `belongs` (a key may have
+    /// been freed, or its slot reused, since the caller listed it). One generation, record
+    /// and hole punch per slot; one fdatasync for the whole batch.
+    fn free_extents(&self, keys: &[ExtentKey], belongs: impl Fn(ExtentKey) -> bool) -> Result<u64, DeviceError> {
+        let mut slots: Vec<u64> = {
+            let index = read_lock(&self.index);
+            keys.iter().filter_map(|k| index.by_key.get(k)).map(|m| m.slot).collect()
+        };
+        // Ascending order: two threads freeing overlapping sets cannot deadlock.
+        slots.sort_unstable();
+        slots.dedup();
+        let mut held: Vec<(u64, ExtentKey, RwLockWriteGuard<'_, Option<SlotOwner>>)> = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let guard = write_lock(&self.slots[slot as usize]);
+            if let Some(owner) = *guard {
+                if belongs(owner.key) {
+                    held.push((slot, owner.key, guard));
+                }
+            }
+        }
+        if held.is_empty() {
+            return Ok(0);
+        }
+
+        let first_generation = {
+            let mut index = write_lock(&self.index);
+            let first = index.next_generation;
+            index.next_generation += held.len() as u64;
+            first
+        };
+        let persisted = (|| {
+            for (i, (slot, _, _)) in held.iter().enumerate() {
+                let record = SlotRecord::Free { generation: first_generation + i as u64 }.encode(*slot);
+                self.file
+                    .write_all_at(&record, self.superblock.slot_record_offset(*slot))
+                    .map_err(self.io_error("write free slot record"))?;
+            }
+            self.file.sync_data().map_err(self.io_error("sync free slot records"))
+        })();
+        if let Err(e) = persisted {
+            // Some records may be on disk and some not: stop, and let a reopen decide.
+            self.fail(&e);
+            return Err(e);
+        }
+
+        let extent_bytes = u64::from(self.superblock.extent_size_bytes);
+        for (slot, _, _) in &held {
+            // Best effort, to return space (thin files, SSDs): allocation zeroes the slot
+            // again before reuse. Done while we hold the slot, so it cannot hit new data.
+            if let Err(e) = sys::punch_hole(&self.file, self.superblock.slot_data_offset(*slot), extent_bytes) {
+                tracing::trace!(slot, error = %e, "could not punch freed slot");
+            }
+        }
+
+        let mut index = write_lock(&self.index);
+        for (slot, key, guard) in held.iter_mut() {
+            let removed = index.by_key.remove(key);
+            assert!(matches!(removed, Some(m) if m.slot == *slot && m.durable), "index disagrees with slot {slot}");
+            **guard = None;
+            index.free_slots.push(*slot);
+            index.used_extents -= 1;
+        }
+        Ok(held.len() as u64)
+    }
+
+    fn lookup(&self, key: ExtentKey) -> Option<Mapping> {
+        read_lock(&self.index).by_key.get(&key).copied()
+    }
+
+    fn check_usable(&self) -> Result<(), DeviceError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(DeviceError::Failed);
+        }
+        Ok(())
+    }
+
+    fn fail(&self, cause: &DeviceError) {
+        tracing::error!(path = %self.path.display(), error = %cause, "metadata write failed; device failed until reopened");
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn check_range(&self, offset_in_extent: u32, len: u64) -> Result<(), DeviceError> {
+        let extent_size_bytes = self.superblock.extent_size_bytes;
+        let offset = u64::from(offset_in_extent);
+        if offset + len > u64::from(extent_size_bytes) {
+            return Err(DeviceError::OutOfRange { offset, len, extent_size_bytes });
+        }
+        Ok(())
+    }
+
+    /// Device offset of `offset_in_extent` within `slot`. Asserts that IO stays inside the
+    /// slot: callers check ranges first, so a violation here is a bug that would corrupt a
+    /// neighbouring extent.
+    fn data_position(&self, slot: u64, offset_in_extent: u32, len: u64) -> u64 {
+        assert!(u64::from(offset_in_extent) + len <= u64::from(self.superblock.extent_size_bytes), "IO exceeds slot");
+        self.superblock.slot_data_offset(slot) + u64::from(offset_in_extent)
+    }
+
+    fn io_error(&self, context: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError + '_ {
+        io_error(&self.path, context)
+    }
+}
+
+/// crc32c of `len` zero bytes, without allocating.
+fn zeros_checksum(len: usize) -> u32 {
+    let zeros = sys::zero_chunk();
+    let mut crc = 0u32;
+    let mut done = 0usize;
+    while done < len {
+        let chunk = (len - done).min(zeros.len());
+        crc = crc32c::crc32c_append(crc, &zeros[..chunk]);
+        done += chunk;
+    }
+    crc
+}
