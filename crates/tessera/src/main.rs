@@ -1,1 +1,98 @@
-fn main() {}
+//! `tessera`: one binary for every role — CLI, MDM, SDS, SDC — and the local cluster.
+
+mod admin;
+mod cli;
+mod config;
+mod demo;
+mod local;
+mod table;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+use cli::{Cli, DaemonCmd, Top};
+use config::ClientConfig;
+
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config_path = config::resolve_path(cli.config.clone());
+    let load = || ClientConfig::load(&config_path).context("no usable config (set --config or TESSERA_CONFIG)");
+    match cli.command {
+        Top::Up(args) => {
+            let cfg = local::up(&args).await?;
+            let path = local::config_path(&args.dir.canonicalize()?);
+            println!("cluster ready; export TESSERA_CONFIG={}", path.display());
+            if !args.detach {
+                eprintln!("running in the foreground; Ctrl-C stops the cluster");
+                tokio::signal::ctrl_c().await?;
+                local::down(&args.dir)?;
+            }
+            let _ = cfg;
+            Ok(())
+        }
+        Top::Down { dir } => {
+            let n = local::down(&dir)?;
+            println!("stopped {n} daemon(s)");
+            Ok(())
+        }
+        Top::Demo { keep } => demo::demo(keep).await,
+        Top::Daemon(d) => {
+            let cfg = load()?;
+            let secret = cfg.secret()?;
+            match d {
+                DaemonCmd::Mdm { dir, id, listen } => {
+                    tessera_mdm::run_mdm(tessera_mdm::MdmConfig::new(id, dir, listen, secret)).await
+                }
+                DaemonCmd::Sds { name, listen } => {
+                    tessera_sds::run_sds(tessera_sds::SdsConfig {
+                        name,
+                        listen,
+                        mdm_addresses: cfg.mdm.clone(),
+                        secret,
+                        cluster_id: cfg.cluster_id()?,
+                    })
+                    .await
+                }
+                DaemonCmd::Sdc { name, socket, nbd_tcp } => {
+                    tessera_sdc::run_sdc(tessera_sdc::SdcConfig { name, mdm_addresses: cfg.mdm.clone(), secret, nbd_socket: socket, nbd_tcp })
+                        .await
+                }
+            }
+        }
+        Top::Cluster(c) => admin::Admin::new(load()?, cli.json)?.cluster(c).await,
+        Top::Pd(c) => admin::Admin::new(load()?, cli.json)?.pd(c).await,
+        Top::FaultSet(c) => admin::Admin::new(load()?, cli.json)?.fault_set(c).await,
+        Top::Pool(c) => admin::Admin::new(load()?, cli.json)?.pool(c).await,
+        Top::Sds(c) => admin::Admin::new(load()?, cli.json)?.sds(c).await,
+        Top::Device(c) => admin::Admin::new(load()?, cli.json)?.device(c).await,
+        Top::Volume(c) => admin::Admin::new(load()?, cli.json)?.volume(c).await,
+        Top::Sdc(c) => admin::Admin::new(load()?, cli.json)?.sdc(c).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Top::Daemon(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The client config file (`tessera.toml`): where the MDMs are and the cluster secret.
+//! It holds the secret, so it is written with mode 0600.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context};
+use serde::{Deserialize, Serialize};
+use tessera_proto::ClusterSecret;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientConfig {
+    /// 32 hex digits; written into every device superblock.
+    pub cluster_id: String,
+    /// 64 hex digits.
+    pub secret: String,
+    /// Every MDM's control address.
+    pub mdm: Vec<String>,
+    /// The SDC `volume map` uses when none is named.
+    #[serde(default)]
+    pub sdc: Option<String>,
+    /// Present in configs written by `tessera up`: how to restart the local cluster.
+    #[serde(default)]
+    pub local: Option<LocalLayout>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalLayout {
+    pub ip: String,
+    pub base_port: u16,
+    pub sds_count: u32,
+    pub device_size_bytes: u64,
+}
+
+impl ClientConfig {
+    pub fn load(path: &Path) -> anyhow::Result<ClientConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: ClientConfig = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        cfg.secret()?;
+        cfg.cluster_id()?;
+        if cfg.mdm.is_empty() {
+            return Err(anyhow!("config {} names no MDM address", path.display()));
+        }
+        Ok(cfg)
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = toml::to_string(self)?;
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    pub fn secret(&self) -> anyhow::Result<ClusterSecret> {
+        ClusterSecret::from_hex(&self.secret).map_err(|e| anyhow!("config: {e}"))
+    }
+
+    pub fn cluster_id(&self) -> anyhow::Result<[u8; 16]> {
+        let t = self.cluster_id.trim();
+        let bad = || anyhow!("config: cluster_id must be 32 hex digits");
+        if t.len() != 32 || !t.is_ascii() {
+            return Err(bad());
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(id)
+    }
+}
+
+/// `--config`, else `TESSERA_CONFIG`, else `./tessera.toml`.
+pub fn resolve_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("TESSERA_CONFIG").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("tessera.toml"))
+}
+
+pub fn new_cluster_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,250 @@
+//! The embedded default: a whole cluster on one machine, started as real daemon processes
+//! on loopback with file-backed devices. `up` starts or restarts it; `down` stops it.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use tessera_core::units::{format_size, parse_size_bytes};
+use tessera_core::{Command, DeviceState};
+use tessera_proto::control::ControlClient;
+use tessera_proto::ClusterSecret;
+
+use crate::cli::UpArgs;
+use crate::config::{new_cluster_id, ClientConfig, LocalLayout};
+
+pub const LOCAL_PD: &str = "default";
+pub const LOCAL_POOL: &str = "default";
+pub const LOCAL_SDC: &str = "sdc-1";
+/// How long `up` waits for the cluster to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `down` waits for a daemon to exit after SIGTERM before SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("tessera.toml")
+}
+
+fn sds_port(layout: &LocalLayout, n: u32) -> u16 {
+    layout.base_port + 10 + n as u16
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // Reap it if it is our own exited child (the demo runs daemons as children).
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// The pid in a pid file, if that process is alive and is a tessera daemon (a recycled pid
+/// belonging to something else is never signalled).
+fn live_daemon_pid(pid_file: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    if pid <= 1 || !pid_alive(pid) {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline).contains("daemon").then_some(pid)
+}
+
+fn spawn_daemon(dir: &Path, role_id: &str, config: &Path, args: &[String]) -> anyhow::Result<i32> {
+    let log_path = dir.join(format!("{role_id}.log"));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--config").arg(config).arg("daemon").args(args);
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // Its own session: the daemon outlives the terminal and the `up` that started it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("starting {role_id}"))?;
+    let pid = child.id() as i32;
+    std::fs::write(dir.join(format!("{role_id}.pid")), format!("{pid}\n"))?;
+    Ok(pid)
+}
+
+fn log_tail(dir: &Path, role_id: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("{role_id}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// Starts (or restarts) the local cluster in `args.dir` and waits until it is ready.
+pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
+    let dir = &args.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let cfg_path = config_path(&dir);
+    for entry in std::fs::read_dir(&dir)? {
+        let p = entry?.path();
+        if p.extension().is_some_and(|e| e == "pid") && live_daemon_pid(&p).is_some() {
+            bail!("a cluster is already running in {} ({} is alive); run `tessera down --dir {}` first", dir.display(), p.display(), dir.display());
+        }
+    }
+    let fresh = !cfg_path.exists();
+    let cfg = if fresh {
+        let sds_count = args.sds.unwrap_or(3);
+        let device_size_bytes = parse_size_bytes(&args.device_size).map_err(|e| anyhow!(e))?;
+        if device_size_bytes < 64 * 1024 * 1024 {
+            bail!("--device-size must be at least 64MiB");
+        }
+        if args.base_port.checked_add(10 + sds_count as u16).is_none() || sds_count > 64 {
+            bail!("--sds must be at most 64 and fit above --base-port");
+        }
+        let cfg = ClientConfig {
+            cluster_id: new_cluster_id(),
+            secret: ClusterSecret::generate().to_hex(),
+            mdm: vec![format!("{}:{}", args.ip, args.base_port)],
+            sdc: Some(LOCAL_SDC.to_string()),
+            local: Some(LocalLayout { ip: args.ip.clone(), base_port: args.base_port, sds_count, device_size_bytes }),
+        };
+        cfg.save(&cfg_path)?;
+        cfg
+    } else {
+        let cfg = ClientConfig::load(&cfg_path)?;
+        let layout = cfg.local.as_ref().ok_or_else(|| anyhow!("{} was not written by `tessera up`", cfg_path.display()))?;
+        if let Some(n) = args.sds {
+            if n != layout.sds_count {
+                bail!("{} already holds a cluster with {} SDS(s); remove the directory to start anew", dir.display(), layout.sds_count);
+            }
+        }
+        cfg
+    };
+    let layout = cfg.local.clone().expect("set above");
+    let cfg_arg = cfg_path.clone();
+    let mut pids = vec![(
+        "mdm-1".to_string(),
+        spawn_daemon(&dir, "mdm-1", &cfg_arg, &["mdm".into(), "--dir".into(), dir.join("mdm-1").display().to_string(), "--id".into(), "1".into(), "--listen".into(), cfg.mdm[0].clone()])?,
+    )];
+    let control = ControlClient::new(cfg.mdm.clone(), cfg.secret()?);
+    wait_for(&dir, &pids, "the MDM to answer", || async { control.status().await.is_ok() }).await?;
+    if fresh {
+        create_layout(&control, &dir, &layout).await?;
+    }
+    for n in 1..=layout.sds_count {
+        let id = format!("sds-{n}");
+        let listen = format!("{}:{}", layout.ip, sds_port(&layout, n));
+        pids.push((id.clone(), spawn_daemon(&dir, &id, &cfg_arg, &["sds".into(), "--name".into(), id.clone(), "--listen".into(), listen])?));
+    }
+    let socket = dir.join(format!("{LOCAL_SDC}.sock"));
+    pids.push((
+        LOCAL_SDC.to_string(),
+        spawn_daemon(&dir, LOCAL_SDC, &cfg_arg, &["sdc".into(), "--name".into(), LOCAL_SDC.into(), "--socket".into(), socket.display().to_string()])?,
+    ));
+    let expect_sds = layout.sds_count as usize;
+    wait_for(&dir, &pids, "SDSs, devices and the SDC to be ready", || async {
+        let (Ok(status), Ok(view)) = (control.status().await, control.state().await) else { return false };
+        let sds_up = status.sdss.iter().filter(|s| s.state == "up").count() == expect_sds;
+        let devices_ready = view.state.devices.values().all(|d| d.state == DeviceState::Normal);
+        let placed = expect_sds < 2 || status.pgs.unplaced_pgs == 0;
+        let sdc = view.state.sdc_by_name(LOCAL_SDC).is_some() && socket.exists();
+        sds_up && devices_ready && placed && sdc
+    })
+    .await?;
+    Ok(cfg)
+}
+
+async fn create_layout(control: &ControlClient, dir: &Path, layout: &LocalLayout) -> anyhow::Result<()> {
+    control.execute(Command::CreateProtectionDomain { name: LOCAL_PD.into() }).await?;
+    // Spare at least one SDS's share, as ScaleIO advises (1/N of the pool).
+    let spare_percent = (100 / layout.sds_count.max(1) + 1).clamp(10, 50) as u8;
+    control
+        .execute(Command::CreatePool {
+            pd: LOCAL_PD.into(),
+            name: LOCAL_POOL.into(),
+            extent_size_bytes: tessera_core::DEFAULT_EXTENT_SIZE_BYTES,
+            pg_count: tessera_core::DEFAULT_PG_COUNT,
+            spare_percent,
+        })
+        .await?;
+    for n in 1..=layout.sds_count {
+        let name = format!("sds-{n}");
+        let address = format!("{}:{}", layout.ip, sds_port(layout, n));
+        control.execute(Command::AddSds { name: name.clone(), pd: LOCAL_PD.into(), fault_set: None, data_address: address }).await?;
+        let sds_dir = dir.join(&name);
+        std::fs::create_dir_all(&sds_dir)?;
+        let device = sds_dir.join("disk0.img");
+        // Sparse: the file takes space only where extents are written.
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&device)?.set_len(layout.device_size_bytes)?;
+        control.execute(Command::AddDevice { sds: name, pool: LOCAL_POOL.into(), path: device.display().to_string() }).await?;
+    }
+    eprintln!(
+        "created protection domain {LOCAL_PD}, pool {LOCAL_POOL}, {} SDS(s) with a {} file-backed device each",
+        layout.sds_count,
+        format_size(layout.device_size_bytes)
+    );
+    Ok(())
+}
+
+async fn wait_for<F, Fut>(dir: &Path, pids: &[(String, i32)], what: &str, mut ready: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        for (role, pid) in pids {
+            if !pid_alive(*pid) {
+                bail!("{role} exited during start-up; last lines of {}:\n{}", dir.join(format!("{role}.log")).display(), log_tail(dir, role));
+            }
+        }
+        if ready().await {
+            return Ok(());
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            bail!("timed out after {READY_TIMEOUT:?} waiting for {what}; see the logs in {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Stops every daemon of the local cluster in `dir`: SDC first, then SDSs, then the MDM.
+pub fn down(dir: &Path) -> anyhow::Result<usize> {
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let mut pid_files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "pid"))
+        .collect();
+    let rank = |p: &PathBuf| {
+        let n = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if n.starts_with("sdc") {
+            0
+        } else if n.starts_with("sds") {
+            1
+        } else {
+            2
+        }
+    };
+    pid_files.sort_by_key(rank);
+    let mut stopped = 0;
+    for group in [0, 1, 2] {
+        let members: Vec<&PathBuf> = pid_files.iter().filter(|p| rank(p) == group).collect();
+        let pids: Vec<i32> = members.iter().filter_map(|p| live_daemon_pid(p)).collect();
+        for &pid in &pids {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        for &pid in &pids {
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if pid_alive(pid) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                while pid_alive(pid) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            stopped += 1;
+        }
+        for p in members {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(stopped)
+}
