@@ -507,7 +507,7 @@ fn check_spare(spare_percent: u8) -> Result<(), CoreError> {
 
 fn check_volume_size(size_bytes: u64, pool: &StoragePool) -> Result<(), CoreError> {
     let extent = u64::from(pool.extent_size_bytes);
-    if size_bytes == 0 || size_bytes % extent != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(extent) {
         return Err(CoreError::Invalid(format!(
             "volume size {size_bytes} must be a positive multiple of the pool's extent size ({extent} bytes)"
         )));

@@ -74,7 +74,8 @@ impl DataClient {
             return Ok(());
         }
         let view = self.control.state().await?;
-        *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ClientMap { version: view.version, state: view.state });
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(ClientMap { version: view.version, state: view.state });
         self.refresh_count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
@@ -104,22 +105,13 @@ impl DataClient {
 
     /// Sends one request for one piece of one extent to the PG primary, retrying through
     /// map changes. `data` is the WRITE payload (empty otherwise).
-    async fn extent_call(
-        &self,
-        op: u16,
-        volume: &Volume,
-        extent_index: u64,
-        offset_in_extent: u32,
-        length: u32,
-        io_flags: u32,
-        data: &[u8],
-    ) -> Result<Vec<u8>, IoFailure> {
+    async fn extent_call(&self, volume: &Volume, io: ExtentIo, data: &[u8]) -> Result<Vec<u8>, IoFailure> {
         let deadline = tokio::time::Instant::now() + IO_RETRY_BUDGET;
         let mut backoff = Duration::from_millis(5);
         loop {
             let seen = self.refreshes();
             let map = self.map();
-            let outcome = self.try_extent_call(op, volume, extent_index, offset_in_extent, length, io_flags, data, &map).await;
+            let outcome = self.try_extent_call(volume, io, data, &map).await;
             let retry_after_refresh = match outcome {
                 Ok(payload) => return Ok(payload),
                 Err(Attempt::Fatal(f)) => return Err(f),
@@ -127,7 +119,7 @@ impl DataClient {
                 Err(Attempt::Retry) => false,
             };
             if tokio::time::Instant::now() > deadline {
-                tracing::error!(volume = %volume.name, extent_index, "IO failed after retrying for {IO_RETRY_BUDGET:?}");
+                tracing::error!(volume = %volume.name, extent_index = io.extent_index, "IO failed after retrying for {IO_RETRY_BUDGET:?}");
                 return Err(IoFailure::Io);
             }
             if retry_after_refresh {
@@ -140,19 +132,15 @@ impl DataClient {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn try_extent_call(
         &self,
-        op: u16,
         volume: &Volume,
-        extent_index: u64,
-        offset_in_extent: u32,
-        length: u32,
-        io_flags: u32,
+        io: ExtentIo,
         data: &[u8],
         map: &ClientMap,
     ) -> Result<Vec<u8>, Attempt> {
         let pool = map.state.pools.get(&volume.pool_id).ok_or(Attempt::RefreshAndRetry)?;
+        let ExtentIo { op, extent_index, offset_in_extent, length, flags: io_flags } = io;
         let pg_id = pg_of_extent(volume.id, extent_index, pool.pg_count);
         let pg = pool.pgs.get(pg_id as usize).ok_or(Attempt::RefreshAndRetry)?;
         let primary = pg.replicas.first().ok_or(Attempt::RefreshAndRetry)?;
@@ -168,7 +156,12 @@ impl DataClient {
             length,
         };
         if op != kind::READ {
-            self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).entry(volume.id).or_default().insert(primary.sds_id);
+            self.unflushed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(volume.id)
+                .or_default()
+                .insert(primary.sds_id);
         }
         let reply = match conn.call(op, &[&header.encode(), data], DATA_CALL_TIMEOUT).await {
             Ok(r) => r,
@@ -202,29 +195,44 @@ impl DataClient {
     pub async fn read(&self, volume: &Volume, extent_size: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoFailure> {
         let mut done = 0usize;
         for piece in pieces(offset, buf.len() as u64, extent_size) {
-            let bytes = self.extent_call(kind::READ, volume, piece.extent_index, piece.offset_in_extent, piece.len, 0, &[]).await?;
+            let bytes = self.extent_call(volume, ExtentIo::new(kind::READ, piece, 0), &[]).await?;
             buf[done..done + piece.len as usize].copy_from_slice(&bytes);
             done += piece.len as usize;
         }
         Ok(())
     }
 
-    pub async fn write(&self, volume: &Volume, extent_size: u32, offset: u64, data: &[u8], fua: bool) -> Result<(), IoFailure> {
+    pub async fn write(
+        &self,
+        volume: &Volume,
+        extent_size: u32,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), IoFailure> {
         let io_flags = if fua { flags::FUA } else { 0 };
         let mut done = 0usize;
         for piece in pieces(offset, data.len() as u64, extent_size) {
             let chunk = &data[done..done + piece.len as usize];
-            self.extent_call(kind::WRITE, volume, piece.extent_index, piece.offset_in_extent, piece.len, io_flags, chunk).await?;
+            self.extent_call(volume, ExtentIo::new(kind::WRITE, piece, io_flags), chunk).await?;
             done += piece.len as usize;
         }
         Ok(())
     }
 
     /// WRITE_ZEROES or TRIM over a range.
-    pub async fn zero(&self, op: u16, volume: &Volume, extent_size: u32, offset: u64, len: u64, fua: bool) -> Result<(), IoFailure> {
+    pub async fn zero(
+        &self,
+        op: u16,
+        volume: &Volume,
+        extent_size: u32,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), IoFailure> {
         let io_flags = if fua { flags::FUA } else { 0 };
         for piece in pieces(offset, len, extent_size) {
-            self.extent_call(op, volume, piece.extent_index, piece.offset_in_extent, piece.len, io_flags, &[]).await?;
+            self.extent_call(volume, ExtentIo::new(op, piece, io_flags), &[]).await?;
         }
         Ok(())
     }
@@ -232,13 +240,21 @@ impl DataClient {
     /// Makes every completed write to the volume durable on both copies: each primary that
     /// took writes flushes itself and the secondaries it forwarded to.
     pub async fn flush(&self, volume_id: u64) -> Result<(), IoFailure> {
-        let owed: Vec<u64> =
-            self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&volume_id).map(|s| s.drain().collect()).unwrap_or_default();
+        let owed: Vec<u64> = self
+            .unflushed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&volume_id)
+            .map(|s| s.drain().collect())
+            .unwrap_or_default();
         let map = self.map();
         let mut failed = Vec::new();
         for sds_id in owed {
             let ok = match self.connection(sds_id, &map).await {
-                Some(c) => c.call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT).await.is_ok_and(|r| r.status == status::OK),
+                Some(c) => c
+                    .call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT)
+                    .await
+                    .is_ok_and(|r| r.status == status::OK),
                 None => false,
             };
             if !ok {
@@ -251,6 +267,28 @@ impl DataClient {
         // Still owed: a later flush must try again.
         self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).entry(volume_id).or_default().extend(failed);
         Err(IoFailure::Io)
+    }
+}
+
+/// One data request: an operation on one piece of one extent.
+#[derive(Debug, Clone, Copy)]
+struct ExtentIo {
+    op: u16,
+    extent_index: u64,
+    offset_in_extent: u32,
+    length: u32,
+    flags: u32,
+}
+
+impl ExtentIo {
+    fn new(op: u16, piece: Piece, flags: u32) -> ExtentIo {
+        ExtentIo {
+            op,
+            extent_index: piece.extent_index,
+            offset_in_extent: piece.offset_in_extent,
+            length: piece.len,
+            flags,
+        }
     }
 }
 
@@ -304,6 +342,9 @@ mod tests {
             ]
         );
         assert_eq!(pieces(0, 0, 1024).count(), 0);
-        assert_eq!(pieces(2048, 1024, 1024).collect::<Vec<_>>(), vec![Piece { extent_index: 2, offset_in_extent: 0, len: 1024 }]);
+        assert_eq!(
+            pieces(2048, 1024, 1024).collect::<Vec<_>>(),
+            vec![Piece { extent_index: 2, offset_in_extent: 0, len: 1024 }]
+        );
     }
 }

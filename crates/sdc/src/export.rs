@@ -49,7 +49,10 @@ impl BlockBackend for VolumeExport {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
-        self.client.zero(kind::WRITE_ZEROES, &self.volume, self.extent_size_bytes, offset, len, fua).await.map_err(to_nbd)
+        self.client
+            .zero(kind::WRITE_ZEROES, &self.volume, self.extent_size_bytes, offset, len, fua)
+            .await
+            .map_err(to_nbd)
     }
 
     fn description(&self) -> Option<String> {
@@ -65,7 +68,11 @@ impl SdcExports {
             return None;
         }
         let pool = map.state.pools.get(&volume.pool_id)?;
-        Some(VolumeExport { client: self.client.clone(), volume: volume.clone(), extent_size_bytes: pool.extent_size_bytes })
+        Some(VolumeExport {
+            client: self.client.clone(),
+            volume: volume.clone(),
+            extent_size_bytes: pool.extent_size_bytes,
+        })
     }
 }
 

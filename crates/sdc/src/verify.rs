@@ -44,8 +44,10 @@ pub async fn verify_volume(
 ) -> anyhow::Result<VerifyReport> {
     let view = control.state().await?;
     let state = view.state;
-    let volume = state.volume_by_name(volume_name).ok_or_else(|| anyhow::anyhow!("volume {volume_name:?} not found"))?.clone();
-    let pool = state.pools.get(&volume.pool_id).ok_or_else(|| anyhow::anyhow!("pool of {volume_name} missing"))?.clone();
+    let volume =
+        state.volume_by_name(volume_name).ok_or_else(|| anyhow::anyhow!("volume {volume_name:?} not found"))?.clone();
+    let pool =
+        state.pools.get(&volume.pool_id).ok_or_else(|| anyhow::anyhow!("pool of {volume_name} missing"))?.clone();
     let sds_ids: BTreeSet<u64> = pool.pgs.iter().flat_map(|pg| pg.replicas.iter().map(|r| r.sds_id)).collect();
     let mut conns = HashMap::new();
     for id in &sds_ids {
@@ -57,7 +59,12 @@ pub async fn verify_volume(
     let mut extents = BTreeSet::new();
     for conn in conns.values() {
         let reply = conn.call(kind::LIST_EXTENTS, &[&volume.id.to_le_bytes()], DATA_CALL_TIMEOUT).await?;
-        anyhow::ensure!(reply.status == status::OK, "listing extents on {}: {}", conn.addr(), status::name(reply.status));
+        anyhow::ensure!(
+            reply.status == status::OK,
+            "listing extents on {}: {}",
+            conn.addr(),
+            status::name(reply.status)
+        );
         extents.extend(reply.payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))));
     }
     let conns = Arc::new(conns);
@@ -85,7 +92,12 @@ pub async fn verify_volume(
                 let crc = match conns.get(&r.sds_id) {
                     Some(c) => match c.call(kind::EXTENT_CHECKSUM, &[&h.encode()], DATA_CALL_TIMEOUT).await {
                         Ok(reply) if reply.status == status::OK && reply.payload.len() == 4 => {
-                            Some(u32::from_le_bytes([reply.payload[0], reply.payload[1], reply.payload[2], reply.payload[3]]))
+                            Some(u32::from_le_bytes([
+                                reply.payload[0],
+                                reply.payload[1],
+                                reply.payload[2],
+                                reply.payload[3],
+                            ]))
                         }
                         _ => None,
                     },

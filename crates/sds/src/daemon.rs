@@ -48,7 +48,11 @@ fn open_or_format(path: &Path, device_id: u64, extent_size_bytes: u32, cluster_i
         ));
     }
     if dev.extent_size_bytes() != extent_size_bytes {
-        return Err(anyhow!("{} has extent size {} but its pool uses {extent_size_bytes}", path.display(), dev.extent_size_bytes()));
+        return Err(anyhow!(
+            "{} has extent size {} but its pool uses {extent_size_bytes}",
+            path.display(),
+            dev.extent_size_bytes()
+        ));
     }
     Ok(dev)
 }
@@ -151,7 +155,9 @@ pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
         .clone();
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
     if me.data_address != cfg.listen.to_string() {
-        control.execute(Command::SetSdsAddress { name: cfg.name.clone(), data_address: cfg.listen.to_string() }).await?;
+        control
+            .execute(Command::SetSdsAddress { name: cfg.name.clone(), data_address: cfg.listen.to_string() })
+            .await?;
     }
     let sds = Arc::new(SdsState::new(cfg.name.clone(), cfg.secret.clone(), cfg.cluster_id, control));
     refresh(&sds, me.id).await.context("opening devices")?;

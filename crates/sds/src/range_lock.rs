@@ -7,17 +7,22 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+/// (volume id, extent index).
+type ExtentId = (u64, u64);
+/// Byte range `[start, end)` within an extent.
+type ByteRange = (u32, u32);
+
 #[derive(Default)]
 pub struct RangeLocks {
-    /// (volume, extent) -> byte ranges [start, end) currently held.
-    held: Mutex<HashMap<(u64, u64), Vec<(u32, u32)>>>,
+    /// Ranges currently held, per extent.
+    held: Mutex<HashMap<ExtentId, Vec<ByteRange>>>,
     released: Notify,
 }
 
 pub struct RangeGuard {
     locks: Arc<RangeLocks>,
-    key: (u64, u64),
-    range: (u32, u32),
+    key: ExtentId,
+    range: ByteRange,
 }
 
 impl RangeLocks {

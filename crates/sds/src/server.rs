@@ -175,13 +175,9 @@ impl SdsState {
         let fua = h.flags & flags::FUA != 0;
         let result = tokio::task::spawn_blocking(move || match op {
             kind::WRITE => dev.write(key, h.pg_id, h.offset_in_extent, &payload[IO_HEADER_BYTES..], fua).map(|_| ()),
-            kind::WRITE_ZEROES => dev.write_zeroes(key, h.offset_in_extent, h.length).and_then(|_| {
-                if fua {
-                    dev.flush()
-                } else {
-                    Ok(())
-                }
-            }),
+            kind::WRITE_ZEROES => {
+                dev.write_zeroes(key, h.offset_in_extent, h.length).and_then(|_| if fua { dev.flush() } else { Ok(()) })
+            }
             _ => dev.trim(key, h.offset_in_extent, h.length),
         })
         .await;
