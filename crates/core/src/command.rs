@@ -100,6 +100,33 @@ pub enum Command {
         volume: String,
         sdc: String,
     },
+    /// The failure detector found the SDS's lease expired: re-peer its PGs.
+    DeclareSdsDown {
+        sds_id: u64,
+    },
+    /// A declared-dead SDS holds a lease again: it may take new copies.
+    DeclareSdsUp {
+        sds_id: u64,
+    },
+    /// The device returned IO errors: re-peer its PGs.
+    FailDevice {
+        device_id: u64,
+    },
+    /// A PG primary could not reach `sds_id` and asks to drop it before acking a write
+    /// (the degraded-write rule). Applies only at `epoch`.
+    RemoveReplica {
+        pool_id: u64,
+        pg_id: u32,
+        epoch: u64,
+        sds_id: u64,
+    },
+    /// The primary finished back-filling `sds_id`'s copy. Applies only at `epoch`.
+    SyncComplete {
+        pool_id: u64,
+        pg_id: u32,
+        epoch: u64,
+        sds_id: u64,
+    },
 }
 
 /// What a successful command did: the id of the object it created or touched.
@@ -235,7 +262,14 @@ impl ClusterState {
                 let id = self.take_id();
                 self.sdss.insert(
                     id,
-                    Sds { id, name: name.clone(), pd_id, fault_set_id, data_address: data_address.clone() },
+                    Sds {
+                        id,
+                        name: name.clone(),
+                        pd_id,
+                        fault_set_id,
+                        data_address: data_address.clone(),
+                        state: SdsState::Normal,
+                    },
                 );
                 Ok(Applied { id })
             }
@@ -445,6 +479,15 @@ impl ClusterState {
                 }
                 Ok(Applied { id: v.id })
             }
+            Command::DeclareSdsDown { sds_id } => self.declare_sds_down(*sds_id),
+            Command::DeclareSdsUp { sds_id } => self.declare_sds_up(*sds_id),
+            Command::FailDevice { device_id } => self.fail_device(*device_id),
+            Command::RemoveReplica { pool_id, pg_id, epoch, sds_id } => {
+                self.remove_replica(*pool_id, *pg_id, *epoch, *sds_id)
+            }
+            Command::SyncComplete { pool_id, pg_id, epoch, sds_id } => {
+                self.sync_complete(*pool_id, *pg_id, *epoch, *sds_id)
+            }
         }
     }
 
@@ -472,7 +515,7 @@ impl ClusterState {
             .devices_of_pool(pool_id)
             .filter(|d| d.state == DeviceState::Normal)
             .filter_map(|d| {
-                let sds = self.sdss.get(&d.sds_id)?;
+                let sds = self.sdss.get(&d.sds_id).filter(|s| s.state == SdsState::Normal)?;
                 Some(Candidate {
                     device_id: d.id,
                     sds_id: d.sds_id,
@@ -491,7 +534,12 @@ impl ClusterState {
                 .enumerate()
                 .map(|(i, pair)| {
                     let previous_epoch = old.get(i).map_or(0, |pg| pg.epoch);
-                    PlacementGroup { id: i as u32, epoch: previous_epoch + 1, replicas: pair.to_vec() }
+                    PlacementGroup {
+                        id: i as u32,
+                        epoch: previous_epoch + 1,
+                        replicas: pair.to_vec(),
+                        syncing: Default::default(),
+                    }
                 })
                 .collect(),
         };

@@ -66,6 +66,22 @@ pub struct PlacementGroup {
     /// which fences clients and servers that act on an old map.
     pub epoch: u64,
     pub replicas: Vec<Replica>,
+    /// SDSs in `replicas` whose copy is still being back-filled from the primary: they take
+    /// forwarded writes but are never read from nor promoted. Invariant: the primary
+    /// (`replicas[0]`) is never syncing.
+    #[serde(default)]
+    pub syncing: BTreeSet<u64>,
+}
+
+impl PlacementGroup {
+    /// Replicas holding a complete copy.
+    pub fn in_sync(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas.iter().filter(|r| !self.syncing.contains(&r.sds_id))
+    }
+
+    pub fn primary(&self) -> Option<&Replica> {
+        self.replicas.first()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -82,6 +98,18 @@ pub struct Sds {
     pub fault_set_id: Option<u64>,
     /// `host:port` of its data service.
     pub data_address: String,
+    #[serde(default)]
+    pub state: SdsState,
+}
+
+/// Committed liveness of an SDS. Only the MDM leader's failure detector changes it, and only
+/// after the SDS's lease has expired.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SdsState {
+    #[default]
+    Normal,
+    /// Declared dead: removed from every PG where another complete copy exists.
+    Down,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +118,8 @@ pub enum DeviceState {
     New,
     /// Formatted and in service: its capacity counts and placement may use it.
     Normal,
+    /// Returned IO errors: removed from every PG where another complete copy exists.
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

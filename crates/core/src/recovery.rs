@@ -1,0 +1,363 @@
+//! Re-peering after failures: which copies a PG drops, who becomes primary, and which
+//! device receives the new copy. Pure functions of the replicated state, applied as
+//! commands so every MDM makes the same choice.
+//!
+//! Rules (each enforced here and checked by the tests below):
+//! - **Never drop the last complete copy.** A PG whose only in-sync copy is lost keeps it:
+//!   the PG is unavailable until that SDS returns, and nothing stale is ever promoted.
+//! - **Promote only in-sync copies.** A copy still being back-filled (`syncing`) is never
+//!   made primary.
+//! - **Replacement follows placement rules**: a device in service, on a live SDS that holds no
+//!   other copy of the PG, in another fault set when the domain has fault sets, least loaded
+//!   by capacity.
+//! - **Every change of the replica set bumps the epoch**, fencing whoever acts on the old map.
+
+use crate::command::{Applied, CommandOutcome};
+use crate::error::CoreError;
+use crate::layout::mix64;
+use crate::model::*;
+
+impl ClusterState {
+    fn pd_uses_fault_sets(&self, pd_id: u64) -> bool {
+        self.fault_sets.values().any(|f| f.pd_id == pd_id)
+    }
+
+    /// The device that should take a new copy of `pg` besides `current`, if any qualifies.
+    pub fn choose_replacement(&self, pool_id: u64, pg_id: u32, current: &[Replica]) -> Option<Replica> {
+        let pool = self.pools.get(&pool_id)?;
+        let use_fault_sets = self.pd_uses_fault_sets(pool.pd_id);
+        let fault_set_of = |sds_id: u64| self.sdss.get(&sds_id).and_then(|s| s.fault_set_id);
+        let mut load: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        for pg in &pool.pgs {
+            for r in &pg.replicas {
+                *load.entry(r.device_id).or_default() += 1;
+            }
+        }
+        self.devices_of_pool(pool_id)
+            .filter(|d| d.state == DeviceState::Normal && d.capacity_bytes > 0)
+            .filter(|d| self.sdss.get(&d.sds_id).is_some_and(|s| s.state == SdsState::Normal))
+            .filter(|d| current.iter().all(|r| r.sds_id != d.sds_id))
+            .filter(|d| !use_fault_sets || current.iter().all(|r| fault_set_of(r.sds_id) != fault_set_of(d.sds_id)))
+            .min_by(|a, b| {
+                let (la, lb) = (load.get(&a.id).copied().unwrap_or(0), load.get(&b.id).copied().unwrap_or(0));
+                let lhs = u128::from(la + 1) * u128::from(b.capacity_bytes);
+                let rhs = u128::from(lb + 1) * u128::from(a.capacity_bytes);
+                let jitter = |d: u64| mix64((u64::from(pg_id) << 32) ^ d);
+                lhs.cmp(&rhs).then(jitter(a.id).cmp(&jitter(b.id)))
+            })
+            .map(|d| Replica { sds_id: d.sds_id, device_id: d.id })
+    }
+
+    /// Drops the copies `lost` selects from one PG, promotes an in-sync survivor if the
+    /// primary went, and adds a syncing replacement. Returns whether the PG changed.
+    fn drop_replicas(&mut self, pool_id: u64, pg_id: u32, lost: &dyn Fn(&Replica) -> bool) -> bool {
+        let Some(pg) = self.pools.get(&pool_id).and_then(|p| p.pgs.get(pg_id as usize)) else { return false };
+        if !pg.replicas.iter().any(lost) {
+            return false;
+        }
+        let survivors_in_sync: Vec<Replica> = pg.in_sync().filter(|r| !lost(r)).copied().collect();
+        if survivors_in_sync.is_empty() {
+            // The lost copy is the last complete one: keep it, so the data comes back with it.
+            return false;
+        }
+        let survivors_syncing: Vec<Replica> =
+            pg.replicas.iter().filter(|r| !lost(r) && pg.syncing.contains(&r.sds_id)).copied().collect();
+        let mut replicas: Vec<Replica> = survivors_in_sync.into_iter().chain(survivors_syncing).collect();
+        let mut syncing: std::collections::BTreeSet<u64> =
+            pg.syncing.iter().copied().filter(|s| replicas.iter().any(|r| r.sds_id == *s)).collect();
+        while replicas.len() < REPLICA_COUNT {
+            match self.choose_replacement(pool_id, pg_id, &replicas) {
+                Some(r) => {
+                    syncing.insert(r.sds_id);
+                    replicas.push(r);
+                }
+                None => break,
+            }
+        }
+        let Some(pg) = self.pools.get_mut(&pool_id).and_then(|p| p.pgs.get_mut(pg_id as usize)) else { return false };
+        assert!(!syncing.contains(&replicas[0].sds_id), "a syncing copy must never be primary");
+        pg.replicas = replicas;
+        pg.syncing = syncing;
+        pg.epoch += 1;
+        true
+    }
+
+    fn drop_everywhere(&mut self, lost: &dyn Fn(&Replica) -> bool) -> u64 {
+        let pgs: Vec<(u64, u32)> =
+            self.pools.values().flat_map(|p| p.pgs.iter().map(move |pg| (p.id, pg.id))).collect();
+        pgs.into_iter().filter(|&(pool, pg)| self.drop_replicas(pool, pg, lost)).count() as u64
+    }
+
+    pub(crate) fn declare_sds_down(&mut self, sds_id: u64) -> CommandOutcome {
+        let sds = self.sdss.get_mut(&sds_id).ok_or_else(|| CoreError::not_found("SDS", &sds_id.to_string()))?;
+        sds.state = SdsState::Down;
+        self.drop_everywhere(&|r| r.sds_id == sds_id);
+        Ok(Applied { id: sds_id })
+    }
+
+    pub(crate) fn declare_sds_up(&mut self, sds_id: u64) -> CommandOutcome {
+        let sds = self.sdss.get_mut(&sds_id).ok_or_else(|| CoreError::not_found("SDS", &sds_id.to_string()))?;
+        sds.state = SdsState::Normal;
+        // PGs left short of copies (no replacement was available) can now take one here.
+        self.top_up_short_pgs();
+        Ok(Applied { id: sds_id })
+    }
+
+    pub(crate) fn fail_device(&mut self, device_id: u64) -> CommandOutcome {
+        let d =
+            self.devices.get_mut(&device_id).ok_or_else(|| CoreError::not_found("device", &device_id.to_string()))?;
+        d.state = DeviceState::Failed;
+        self.drop_everywhere(&|r| r.device_id == device_id);
+        Ok(Applied { id: device_id })
+    }
+
+    pub(crate) fn remove_replica(&mut self, pool_id: u64, pg_id: u32, epoch: u64, sds_id: u64) -> CommandOutcome {
+        let pg = self
+            .pools
+            .get(&pool_id)
+            .and_then(|p| p.pgs.get(pg_id as usize))
+            .ok_or_else(|| CoreError::not_found("PG", &format!("{pool_id}/{pg_id}")))?;
+        if pg.epoch != epoch {
+            return Err(CoreError::Invalid(format!("PG {pool_id}/{pg_id} is at epoch {}, not {epoch}", pg.epoch)));
+        }
+        if pg.primary().is_some_and(|p| p.sds_id == sds_id) {
+            return Err(CoreError::Invalid("the primary cannot be removed by this request".into()));
+        }
+        if !self.drop_replicas(pool_id, pg_id, &|r| r.sds_id == sds_id) {
+            return Err(CoreError::Invalid(format!("SDS {sds_id} is not a removable copy of PG {pool_id}/{pg_id}")));
+        }
+        Ok(Applied { id: sds_id })
+    }
+
+    pub(crate) fn sync_complete(&mut self, pool_id: u64, pg_id: u32, epoch: u64, sds_id: u64) -> CommandOutcome {
+        let pg = self
+            .pools
+            .get_mut(&pool_id)
+            .and_then(|p| p.pgs.get_mut(pg_id as usize))
+            .ok_or_else(|| CoreError::not_found("PG", &format!("{pool_id}/{pg_id}")))?;
+        if pg.epoch != epoch || !pg.syncing.remove(&sds_id) {
+            return Err(CoreError::Invalid(format!(
+                "PG {pool_id}/{pg_id} has no syncing copy on SDS {sds_id} at epoch {epoch}"
+            )));
+        }
+        Ok(Applied { id: sds_id })
+    }
+
+    /// Adds a syncing copy to every placed PG that has fewer than `REPLICA_COUNT` copies.
+    pub(crate) fn top_up_short_pgs(&mut self) {
+        let short: Vec<(u64, u32)> = self
+            .pools
+            .values()
+            .flat_map(|p| p.pgs.iter().filter(|pg| pg.replicas.len() < REPLICA_COUNT).map(move |pg| (p.id, pg.id)))
+            .collect();
+        for (pool_id, pg_id) in short {
+            let Some(current) =
+                self.pools.get(&pool_id).and_then(|p| p.pgs.get(pg_id as usize)).map(|pg| pg.replicas.clone())
+            else {
+                continue;
+            };
+            if current.is_empty() {
+                continue;
+            }
+            if let Some(r) = self.choose_replacement(pool_id, pg_id, &current) {
+                if let Some(pg) = self.pools.get_mut(&pool_id).and_then(|p| p.pgs.get_mut(pg_id as usize)) {
+                    pg.replicas.push(r);
+                    pg.syncing.insert(r.sds_id);
+                    pg.epoch += 1;
+                }
+            }
+        }
+    }
+}
+
+/// What the MDM leader's failure detector should commit, given which SDSs hold a lease.
+/// Pure: liveness is an input.
+pub fn liveness_commands(state: &ClusterState, holds_lease: impl Fn(u64) -> bool) -> Vec<crate::Command> {
+    let mut out = Vec::new();
+    for sds in state.sdss.values() {
+        match (sds.state, holds_lease(sds.id)) {
+            (SdsState::Normal, false) => out.push(crate::Command::DeclareSdsDown { sds_id: sds.id }),
+            (SdsState::Down, true) => out.push(crate::Command::DeclareSdsUp { sds_id: sds.id }),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::GIB;
+    use crate::Command;
+
+    fn cluster(sds_count: u64, fault_sets: bool) -> ClusterState {
+        let mut s = ClusterState::default();
+        let ok = |s: &mut ClusterState, c: Command| s.apply(&c).unwrap_or_else(|e| panic!("{c:?}: {e}")).id;
+        ok(&mut s, Command::CreateProtectionDomain { name: "pd".into() });
+        if fault_sets {
+            for f in 0..3 {
+                ok(&mut s, Command::CreateFaultSet { pd: "pd".into(), name: format!("fs{f}") });
+            }
+        }
+        ok(
+            &mut s,
+            Command::CreatePool {
+                pd: "pd".into(),
+                name: "p".into(),
+                extent_size_bytes: DEFAULT_EXTENT_SIZE_BYTES,
+                pg_count: 64,
+                spare_percent: 20,
+            },
+        );
+        for i in 0..sds_count {
+            ok(
+                &mut s,
+                Command::AddSds {
+                    name: format!("s{i}"),
+                    pd: "pd".into(),
+                    fault_set: fault_sets.then(|| format!("fs{}", i % 3)),
+                    data_address: format!("127.0.0.1:{}", 9000 + i),
+                },
+            );
+            let d = ok(&mut s, Command::AddDevice { sds: format!("s{i}"), pool: "p".into(), path: "/d".into() });
+            ok(&mut s, Command::DeviceReady { device_id: d, capacity_bytes: 10 * GIB });
+        }
+        s
+    }
+
+    fn check_invariants(s: &ClusterState) {
+        for pool in s.pools.values() {
+            let use_fs = s.pd_uses_fault_sets(pool.pd_id);
+            for pg in &pool.pgs {
+                let mut sdss: Vec<u64> = pg.replicas.iter().map(|r| r.sds_id).collect();
+                sdss.sort();
+                sdss.dedup();
+                assert_eq!(sdss.len(), pg.replicas.len(), "two copies on one SDS: {pg:?}");
+                if use_fs {
+                    let mut fss: Vec<_> = pg.replicas.iter().map(|r| s.sdss[&r.sds_id].fault_set_id).collect();
+                    fss.sort();
+                    fss.dedup();
+                    assert_eq!(fss.len(), pg.replicas.len(), "two copies in one fault set: {pg:?}");
+                }
+                if let Some(p) = pg.primary() {
+                    assert!(!pg.syncing.contains(&p.sds_id), "syncing primary: {pg:?}");
+                }
+                assert!(pg.in_sync().count() >= 1, "PG without a complete copy: {pg:?}");
+            }
+        }
+    }
+
+    fn sds_id(s: &ClusterState, name: &str) -> u64 {
+        s.sds_by_name(name).unwrap().id
+    }
+
+    #[test]
+    fn sds_down_promotes_and_replaces() {
+        let mut s = cluster(4, false);
+        let dead = sds_id(&s, "s0");
+        let before = s.pool_by_name("p").unwrap().pgs.clone();
+        s.apply(&Command::DeclareSdsDown { sds_id: dead }).unwrap();
+        check_invariants(&s);
+        let after = &s.pool_by_name("p").unwrap().pgs;
+        for (b, a) in before.iter().zip(after) {
+            if b.replicas.iter().any(|r| r.sds_id == dead) {
+                assert_eq!(a.epoch, b.epoch + 1);
+                assert!(a.replicas.iter().all(|r| r.sds_id != dead));
+                let survivor = b.replicas.iter().find(|r| r.sds_id != dead).unwrap();
+                assert_eq!(a.replicas[0], *survivor, "the surviving copy becomes primary");
+                assert_eq!(a.replicas.len(), 2);
+                assert!(a.syncing.contains(&a.replicas[1].sds_id));
+            } else {
+                assert_eq!(a, b, "PGs without the dead SDS are untouched");
+            }
+        }
+    }
+
+    #[test]
+    fn rebuild_is_spread_over_many_sdss() {
+        let mut s = cluster(8, false);
+        let dead = sds_id(&s, "s3");
+        s.apply(&Command::DeclareSdsDown { sds_id: dead }).unwrap();
+        let pool = s.pool_by_name("p").unwrap();
+        let sources: std::collections::BTreeSet<u64> =
+            pool.pgs.iter().filter(|pg| !pg.syncing.is_empty()).map(|pg| pg.replicas[0].sds_id).collect();
+        let targets: std::collections::BTreeSet<u64> =
+            pool.pgs.iter().flat_map(|pg| pg.syncing.iter().copied()).collect();
+        assert!(sources.len() >= 6, "sources {sources:?}");
+        assert!(targets.len() >= 6, "targets {targets:?}");
+    }
+
+    #[test]
+    fn last_complete_copy_is_never_dropped() {
+        let mut s = cluster(3, false);
+        let (a, b) = (sds_id(&s, "s0"), sds_id(&s, "s1"));
+        s.apply(&Command::DeclareSdsDown { sds_id: a }).unwrap();
+        // Now some PGs are [survivor, syncing]. Losing the survivor must keep it.
+        s.apply(&Command::DeclareSdsDown { sds_id: b }).unwrap();
+        check_invariants(&s);
+        let pool = s.pool_by_name("p").unwrap();
+        assert!(pool.pgs.iter().any(|pg| pg.in_sync().all(|r| r.sds_id == b || r.sds_id == a)));
+        // With only one live SDS nothing can be replaced; no PG may lose its last copy.
+        for pg in &pool.pgs {
+            assert!(pg.in_sync().next().is_some());
+        }
+    }
+
+    #[test]
+    fn fault_sets_respected_on_replacement() {
+        let mut s = cluster(6, true);
+        s.apply(&Command::DeclareSdsDown { sds_id: sds_id(&s, "s1") }).unwrap();
+        check_invariants(&s);
+        s.apply(&Command::DeclareSdsDown { sds_id: sds_id(&s, "s2") }).unwrap();
+        check_invariants(&s);
+    }
+
+    #[test]
+    fn remove_replica_is_conditional_on_epoch() {
+        let mut s = cluster(3, false);
+        let pool_id = s.pool_by_name("p").unwrap().id;
+        let pg = s.pools[&pool_id].pgs[0].clone();
+        let secondary = pg.replicas[1].sds_id;
+        assert!(s
+            .apply(&Command::RemoveReplica { pool_id, pg_id: 0, epoch: pg.epoch + 5, sds_id: secondary })
+            .is_err());
+        assert!(s
+            .apply(&Command::RemoveReplica { pool_id, pg_id: 0, epoch: pg.epoch, sds_id: pg.replicas[0].sds_id })
+            .is_err());
+        s.apply(&Command::RemoveReplica { pool_id, pg_id: 0, epoch: pg.epoch, sds_id: secondary }).unwrap();
+        let now = &s.pools[&pool_id].pgs[0];
+        assert_eq!(now.epoch, pg.epoch + 1);
+        assert_eq!(now.replicas[0], pg.replicas[0]);
+        assert!(now.replicas.iter().all(|r| r.sds_id != secondary));
+        check_invariants(&s);
+        // Completing the sync of the new copy.
+        let target = now.replicas[1].sds_id;
+        assert!(s.apply(&Command::SyncComplete { pool_id, pg_id: 0, epoch: pg.epoch, sds_id: target }).is_err());
+        s.apply(&Command::SyncComplete { pool_id, pg_id: 0, epoch: pg.epoch + 1, sds_id: target }).unwrap();
+        assert!(s.pools[&pool_id].pgs[0].syncing.is_empty());
+    }
+
+    #[test]
+    fn returning_sds_refills_short_pgs() {
+        let mut s = cluster(2, false);
+        let a = sds_id(&s, "s0");
+        s.apply(&Command::DeclareSdsDown { sds_id: a }).unwrap();
+        // Only one SDS left: PGs keep one copy (nothing to replace with).
+        let pool_id = s.pool_by_name("p").unwrap().id;
+        assert!(s.pools[&pool_id].pgs.iter().all(|pg| pg.replicas.len() == 1));
+        s.apply(&Command::DeclareSdsUp { sds_id: a }).unwrap();
+        check_invariants(&s);
+        assert!(s.pools[&pool_id].pgs.iter().all(|pg| pg.replicas.len() == 2 && pg.syncing.contains(&a)));
+    }
+
+    #[test]
+    fn liveness_commands_follow_leases() {
+        let mut s = cluster(3, false);
+        let a = sds_id(&s, "s0");
+        let cmds = liveness_commands(&s, |id| id != a);
+        assert_eq!(cmds, vec![Command::DeclareSdsDown { sds_id: a }]);
+        s.apply(&cmds[0]).unwrap();
+        assert!(liveness_commands(&s, |id| id != a).is_empty());
+        assert_eq!(liveness_commands(&s, |_| true), vec![Command::DeclareSdsUp { sds_id: a }]);
+    }
+}
