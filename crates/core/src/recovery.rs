@@ -15,6 +15,7 @@
 use crate::command::{Applied, CommandOutcome};
 use crate::error::CoreError;
 use crate::layout::mix64;
+use crate::lease::LeaseStatus;
 use crate::model::*;
 
 impl ClusterState {
@@ -170,14 +171,15 @@ impl ClusterState {
     }
 }
 
-/// What the MDM leader's failure detector should commit, given which SDSs hold a lease.
-/// Pure: liveness is an input.
-pub fn liveness_commands(state: &ClusterState, holds_lease: impl Fn(u64) -> bool) -> Vec<crate::Command> {
+/// What the MDM leader's failure detector should commit, given each SDS's lease status.
+/// Pure: liveness is an input. An SDS is declared down only once its lease has expired, so
+/// it has stopped serving before anyone replaces its copies.
+pub fn liveness_commands(state: &ClusterState, lease: impl Fn(u64) -> LeaseStatus) -> Vec<crate::Command> {
     let mut out = Vec::new();
     for sds in state.sdss.values() {
-        match (sds.state, holds_lease(sds.id)) {
-            (SdsState::Normal, false) => out.push(crate::Command::DeclareSdsDown { sds_id: sds.id }),
-            (SdsState::Down, true) => out.push(crate::Command::DeclareSdsUp { sds_id: sds.id }),
+        match (sds.state, lease(sds.id)) {
+            (SdsState::Normal, LeaseStatus::Expired) => out.push(crate::Command::DeclareSdsDown { sds_id: sds.id }),
+            (SdsState::Down, LeaseStatus::Held) => out.push(crate::Command::DeclareSdsUp { sds_id: sds.id }),
             _ => {}
         }
     }
@@ -354,10 +356,14 @@ mod tests {
     fn liveness_commands_follow_leases() {
         let mut s = cluster(3, false);
         let a = sds_id(&s, "s0");
-        let cmds = liveness_commands(&s, |id| id != a);
+        let lease_of =
+            |dead: u64, status: LeaseStatus| move |id: u64| if id == dead { status } else { LeaseStatus::Held };
+        assert!(liveness_commands(&s, lease_of(a, LeaseStatus::Unknown)).is_empty(), "unknown is not dead");
+        let cmds = liveness_commands(&s, lease_of(a, LeaseStatus::Expired));
         assert_eq!(cmds, vec![Command::DeclareSdsDown { sds_id: a }]);
         s.apply(&cmds[0]).unwrap();
-        assert!(liveness_commands(&s, |id| id != a).is_empty());
-        assert_eq!(liveness_commands(&s, |_| true), vec![Command::DeclareSdsUp { sds_id: a }]);
+        assert!(liveness_commands(&s, lease_of(a, LeaseStatus::Expired)).is_empty());
+        assert!(liveness_commands(&s, lease_of(a, LeaseStatus::Unknown)).is_empty());
+        assert_eq!(liveness_commands(&s, |_| LeaseStatus::Held), vec![Command::DeclareSdsUp { sds_id: a }]);
     }
 }

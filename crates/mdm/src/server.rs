@@ -10,9 +10,10 @@ use anyhow::Context;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::BasicNode;
 use tessera_core::lease::{LeaseTable, DEFAULT_LEASE_DURATION_MS};
+use tessera_core::recovery::liveness_commands;
 use tessera_proto::auth::authenticate_server;
 use tessera_proto::control::{
-    ControlError, ControlRequest, ControlResponse, HeartbeatReply, MdmMember, StateView,
+    ControlError, ControlRequest, ControlResponse, HeartbeatReply, MdmMember, RebuildProgress, StateView,
 };
 use tessera_proto::data::{kind, status};
 use tessera_proto::rpc::{read_request, spawn_response_writer, OutFrame};
@@ -52,6 +53,63 @@ impl MdmConfig {
 struct SoftState {
     leases: LeaseTable,
     used_extents_by_device: HashMap<u64, u64>,
+    /// Latest progress of each back-fill job, by (pool, pg, target SDS).
+    rebuilds: HashMap<(u64, u32, u64), RebuildProgress>,
+    /// Bytes copied by back-fill since this MDM became leader, and recent samples of it
+    /// (time ms, total) for the rate.
+    rebuild_bytes_total: u64,
+    rebuild_samples: std::collections::VecDeque<(u64, u64)>,
+    /// Last probe time per SDS, to rate-limit reports of unreachable SDSs.
+    last_probe_ms: HashMap<u64, u64>,
+    /// Recent samples (time ms, PGs re-mirroring), for the PG completion rate behind the ETA.
+    syncing_samples: std::collections::VecDeque<(u64, u64)>,
+}
+
+/// Window over which the rebuild rate is averaged.
+const REBUILD_RATE_WINDOW_MS: u64 = 5_000;
+/// How often the leader checks leases.
+const FAILURE_DETECTOR_INTERVAL: Duration = Duration::from_millis(250);
+/// An SDS is probed at most this often on reports that it is unreachable.
+const PROBE_INTERVAL_MS: u64 = 500;
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl SoftState {
+    fn record_rebuilds(&mut self, now_ms: u64, sds_jobs: Vec<RebuildProgress>) {
+        for job in sds_jobs {
+            let key = (job.pool_id, job.pg_id, job.target_sds_id);
+            let before = self.rebuilds.get(&key).map_or(0, |j| j.bytes_copied);
+            self.rebuild_bytes_total += job.bytes_copied.saturating_sub(before);
+            self.rebuilds.insert(key, job);
+        }
+        self.rebuild_samples.push_back((now_ms, self.rebuild_bytes_total));
+        while self.rebuild_samples.front().is_some_and(|(t, _)| now_ms.saturating_sub(*t) > REBUILD_RATE_WINDOW_MS) {
+            self.rebuild_samples.pop_front();
+        }
+    }
+
+    fn record_syncing(&mut self, now_ms: u64, pgs_syncing: u64) {
+        self.syncing_samples.push_back((now_ms, pgs_syncing));
+        while self.syncing_samples.front().is_some_and(|(t, _)| now_ms.saturating_sub(*t) > REBUILD_RATE_WINDOW_MS) {
+            self.syncing_samples.pop_front();
+        }
+    }
+
+    /// Seconds until no PG is re-mirroring, at the rate PGs completed over the window.
+    fn rebuild_eta_seconds(&self) -> Option<u64> {
+        let ((t0, p0), (t1, p1)) = (self.syncing_samples.front()?, self.syncing_samples.back()?);
+        if *p1 == 0 || p0 <= p1 || t1 <= t0 {
+            return None;
+        }
+        let per_sec = (p0 - p1) as f64 * 1000.0 / (t1 - t0) as f64;
+        Some((*p1 as f64 / per_sec).ceil() as u64)
+    }
+
+    fn rebuild_rate_bytes_per_sec(&self) -> u64 {
+        match (self.rebuild_samples.front(), self.rebuild_samples.back()) {
+            (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => (b1 - b0) * 1000 / (t1 - t0),
+            _ => 0,
+        }
+    }
 }
 
 struct Mdm {
@@ -113,17 +171,35 @@ impl Mdm {
                 let (members, leader_id) = self.members();
                 let d = self.sm.data.read().await;
                 let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+                // Only jobs for PGs still syncing count; finished ones linger until forgotten.
+                let live_jobs = soft.rebuilds.iter().filter(|((pool, pg, target), _)| {
+                    d.state
+                        .pools
+                        .get(pool)
+                        .and_then(|p| p.pgs.get(*pg as usize))
+                        .is_some_and(|g| g.syncing.contains(target))
+                });
+                let remaining = live_jobs.map(|(_, j)| j.extents_total.saturating_sub(j.extents_done)).sum();
                 ControlResponse::Status(cluster_status(StatusInputs {
                     state: &d.state,
                     state_version: d.last_applied.map_or(0, |l| l.index),
                     leases: &soft.leases,
+                    lease_duration_ms: self.cfg.lease_duration_ms,
                     now_ms: self.now_ms(),
                     used_extents_by_device: &soft.used_extents_by_device,
                     members,
                     leader_id,
+                    rebuild_extents_remaining: remaining,
+                    rebuild_bytes_copied: soft.rebuild_bytes_total,
+                    rebuild_rate_bytes_per_sec: soft.rebuild_rate_bytes_per_sec(),
+                    rebuild_eta_seconds: soft.rebuild_eta_seconds(),
                 }))
             }
-            ControlRequest::SdsHeartbeat { sds_id, devices } => {
+            ControlRequest::ReportUnreachable { sds_id } => {
+                self.probe(sds_id).await;
+                ControlResponse::Reported
+            }
+            ControlRequest::SdsHeartbeat { sds_id, devices, rebuilds } => {
                 if !self.is_leader() {
                     let (members, leader) = self.members();
                     let leader_addr = members.into_iter().find(|m| Some(m.id) == leader).map(|m| m.address);
@@ -144,13 +220,80 @@ impl Mdm {
                 for u in devices {
                     soft.used_extents_by_device.insert(u.device_id, u.used_extents);
                 }
-                ControlResponse::Heartbeat(HeartbeatReply { lease_duration_ms: self.cfg.lease_duration_ms, state_version })
+                soft.record_rebuilds(now, rebuilds);
+                ControlResponse::Heartbeat(HeartbeatReply {
+                    lease_duration_ms: self.cfg.lease_duration_ms,
+                    state_version,
+                })
             }
         }
     }
 
     fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.cfg.id)
+    }
+
+    /// Checks an SDS reported unreachable. A refused connection proves its process is gone
+    /// (an SDS never closes its listener while it runs), so it can be replaced at once
+    /// without waiting for its lease; anything else (timeout) proves nothing.
+    async fn probe(&self, sds_id: u64) {
+        if !self.is_leader() {
+            return;
+        }
+        let now = self.now_ms();
+        {
+            let mut soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+            let last = soft.last_probe_ms.get(&sds_id).copied();
+            if last.is_some_and(|t| now.saturating_sub(t) < PROBE_INTERVAL_MS) {
+                return;
+            }
+            soft.last_probe_ms.insert(sds_id, now);
+        }
+        let Some(addr) = self.sm.data.read().await.state.sdss.get(&sds_id).map(|s| s.data_address.clone()) else {
+            return;
+        };
+        let refused = matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(&addr)).await,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        );
+        if refused {
+            tracing::warn!(sds_id, %addr, "SDS reported unreachable and its port refuses connections: declaring it dead");
+            self.soft.lock().unwrap_or_else(|p| p.into_inner()).leases.prove_dead(sds_id);
+        }
+    }
+
+    /// One pass of the failure detector: commit liveness changes the leases call for.
+    async fn detect_failures(&self) {
+        let now = self.now_ms();
+        let leader = self.is_leader();
+        let commands = {
+            let mut soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+            soft.leases.set_leader(leader, now);
+            if !leader {
+                return;
+            }
+            let state = self.sm.data.try_read().map(|d| d.state.clone());
+            let Ok(state) = state else { return };
+            let syncing = state.pools.values().flat_map(|p| p.pgs.iter()).filter(|pg| !pg.syncing.is_empty()).count();
+            soft.record_syncing(now, syncing as u64);
+            let duration = self.cfg.lease_duration_ms;
+            liveness_commands(&state, |id| soft.leases.status(id, now, duration))
+        };
+        for cmd in commands {
+            tracing::warn!("failure detector: {cmd:?}");
+            match self.raft.client_write(cmd.clone()).await {
+                Ok(r) if r.data.is_ok() => tracing::info!("committed {cmd:?}"),
+                Ok(r) => tracing::warn!("{cmd:?} refused: {:?}", r.data),
+                Err(e) => tracing::warn!("{cmd:?} not committed: {e}"),
+            }
+        }
+    }
+}
+
+async fn failure_detector(mdm: Arc<Mdm>) {
+    loop {
+        tokio::time::sleep(FAILURE_DETECTOR_INTERVAL).await;
+        mdm.detect_failures().await;
     }
 }
 
@@ -206,7 +349,8 @@ async fn serve_connection(mdm: Arc<Mdm>, mut stream: TcpStream, peer: SocketAddr
 /// cluster with itself as the only member.
 pub async fn run_mdm(cfg: MdmConfig) -> anyhow::Result<()> {
     let raft_dir = cfg.dir.join("raft");
-    let log_store = LogStore::open(&raft_dir).with_context(|| format!("opening the Raft log in {}", raft_dir.display()))?;
+    let log_store =
+        LogStore::open(&raft_dir).with_context(|| format!("opening the Raft log in {}", raft_dir.display()))?;
     let sm = StateMachineStore::open(&raft_dir).context("opening the state machine")?;
     let pristine = log_store.is_pristine().await;
     let raft_config = openraft::Config {
@@ -229,6 +373,7 @@ pub async fn run_mdm(cfg: MdmConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
     tracing::info!(addr = %cfg.listen, "MDM listening");
     let mdm = Arc::new(Mdm { cfg, raft, sm, soft: Mutex::new(SoftState::default()), started: Instant::now() });
+    tokio::spawn(failure_detector(mdm.clone()));
     let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {

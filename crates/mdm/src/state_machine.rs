@@ -46,10 +46,16 @@ impl StateMachineStore {
     pub fn open(dir: &Path) -> std::io::Result<StateMachineStore> {
         std::fs::create_dir_all(dir)?;
         let data = match durable_file::read_optional(&dir.join("state_machine.json"))? {
-            Some(b) => serde_json::from_slice(&b).map_err(|e| std::io::Error::other(format!("state_machine.json: {e}")))?,
+            Some(b) => {
+                serde_json::from_slice(&b).map_err(|e| std::io::Error::other(format!("state_machine.json: {e}")))?
+            }
             None => SmData::default(),
         };
-        Ok(StateMachineStore { dir: dir.to_path_buf(), data: Arc::new(RwLock::new(data)), snapshot_seq: Arc::default() })
+        Ok(StateMachineStore {
+            dir: dir.to_path_buf(),
+            data: Arc::new(RwLock::new(data)),
+            snapshot_seq: Arc::default(),
+        })
     }
 
     fn persist(&self, data: &SmData) -> std::io::Result<()> {
@@ -71,7 +77,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
             None => format!("none-{seq}"),
         };
-        let meta = SnapshotMeta { last_log_id: data.last_applied, last_membership: data.membership.clone(), snapshot_id };
+        let meta =
+            SnapshotMeta { last_log_id: data.last_applied, last_membership: data.membership.clone(), snapshot_id };
         let stored = StoredSnapshot { meta: meta.clone(), data: bytes.clone() };
         let encoded = serde_json::to_vec(&stored).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         durable_file::replace(&self.snapshot_path(), &encoded).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
@@ -129,8 +136,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
-        let mut new_data: SmData = serde_json::from_slice(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let mut new_data: SmData =
+            serde_json::from_slice(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         new_data.last_applied = meta.last_log_id;
         new_data.membership = meta.last_membership.clone();
         let stored = StoredSnapshot { meta: meta.clone(), data: bytes };
@@ -142,7 +149,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let Some(b) = durable_file::read_optional(&self.snapshot_path()).map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        let Some(b) =
+            durable_file::read_optional(&self.snapshot_path()).map_err(|e| StorageIOError::read_snapshot(None, &e))?
         else {
             return Ok(None);
         };

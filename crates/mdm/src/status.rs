@@ -1,25 +1,55 @@
 //! Cluster health as `tessera cluster status` shows it: computed from the replicated model
-//! and the leader's soft state (leases, usage). Pure: inputs in, report out.
+//! and the leader's soft state (leases, usage, rebuild progress). Pure: inputs in, report out.
 
 use std::collections::HashMap;
 
-use tessera_core::lease::LeaseTable;
-use tessera_core::{ClusterState, DeviceState};
-use tessera_proto::control::{ClusterStatus, MdmMember, PgCounts, SdsStatus};
+use tessera_core::lease::{LeaseStatus, LeaseTable};
+use tessera_core::{ClusterState, DeviceState, SdsState, REPLICA_COUNT};
+use tessera_proto::control::{ClusterStatus, MdmMember, PgCounts, RebuildStatus, SdsStatus};
 
 pub struct StatusInputs<'a> {
     pub state: &'a ClusterState,
     pub state_version: u64,
     pub leases: &'a LeaseTable,
+    pub lease_duration_ms: u64,
     pub now_ms: u64,
     pub used_extents_by_device: &'a HashMap<u64, u64>,
     pub members: Vec<MdmMember>,
     pub leader_id: Option<u64>,
+    /// Extents remaining and bytes copied over the reported back-fill jobs.
+    pub rebuild_extents_remaining: u64,
+    pub rebuild_bytes_copied: u64,
+    pub rebuild_rate_bytes_per_sec: u64,
+    /// From the rate at which PGs finished re-mirroring recently.
+    pub rebuild_eta_seconds: Option<u64>,
+}
+
+pub fn pg_counts(state: &ClusterState, alive: &dyn Fn(u64) -> bool) -> PgCounts {
+    let mut pgs = PgCounts::default();
+    for pool in state.pools.values() {
+        pgs.total_pgs += u64::from(pool.pg_count);
+        if pool.pgs.is_empty() {
+            pgs.unplaced_pgs += u64::from(pool.pg_count);
+            continue;
+        }
+        for pg in &pool.pgs {
+            let live_complete = pg.in_sync().filter(|r| alive(r.sds_id)).count();
+            if live_complete == 0 {
+                pgs.unavailable_pgs += 1;
+            } else if live_complete < REPLICA_COUNT {
+                pgs.degraded_pgs += 1;
+            } else {
+                pgs.healthy_pgs += 1;
+            }
+        }
+    }
+    pgs
 }
 
 pub fn cluster_status(i: StatusInputs<'_>) -> ClusterStatus {
     let s = i.state;
-    let alive = |sds_id: u64| i.leases.is_alive(sds_id, i.now_ms);
+    let alive = |sds_id: u64| i.leases.status(sds_id, i.now_ms, i.lease_duration_ms) != LeaseStatus::Expired;
+    let held = |sds_id: u64| i.leases.is_alive(sds_id, i.now_ms);
     let sdss = s
         .sdss
         .values()
@@ -36,35 +66,38 @@ pub fn cluster_status(i: StatusInputs<'_>) -> ClusterStatus {
                 id: sds.id,
                 name: sds.name.clone(),
                 address: sds.data_address.clone(),
-                state: if alive(sds.id) { "up" } else { "down" }.to_string(),
+                state: if held(sds.id) { "up" } else { "down" }.to_string(),
+                membership: match sds.state {
+                    SdsState::Normal => "normal",
+                    SdsState::Down => "removed",
+                }
+                .to_string(),
                 devices: devices.len(),
-                capacity_bytes: devices.iter().filter(|d| d.state == DeviceState::Normal).map(|d| d.capacity_bytes).sum(),
+                capacity_bytes: devices
+                    .iter()
+                    .filter(|d| d.state == DeviceState::Normal)
+                    .map(|d| d.capacity_bytes)
+                    .sum(),
                 used_bytes,
             }
         })
         .collect();
-    let mut pgs = PgCounts::default();
-    for pool in s.pools.values() {
-        pgs.total_pgs += u64::from(pool.pg_count);
-        if pool.pgs.is_empty() {
-            pgs.unplaced_pgs += u64::from(pool.pg_count);
-            continue;
-        }
-        for pg in &pool.pgs {
-            let healthy = pg.replicas.len() == tessera_core::REPLICA_COUNT && pg.replicas.iter().all(|r| alive(r.sds_id));
-            if healthy {
-                pgs.healthy_pgs += 1;
-            } else {
-                pgs.degraded_pgs += 1;
-            }
-        }
-    }
+    let pgs_rebuilding = s.pools.values().flat_map(|p| p.pgs.iter()).filter(|pg| !pg.syncing.is_empty()).count() as u64;
+    let rate = i.rebuild_rate_bytes_per_sec;
+    let eta_seconds = if pgs_rebuilding == 0 { None } else { i.rebuild_eta_seconds };
     ClusterStatus {
         mdm_members: i.members,
         leader_id: i.leader_id,
         state_version: i.state_version,
         sdss,
-        pgs,
+        pgs: pg_counts(s, &alive),
+        rebuild: RebuildStatus {
+            pgs_rebuilding,
+            extents_remaining: i.rebuild_extents_remaining,
+            bytes_copied: i.rebuild_bytes_copied,
+            rate_bytes_per_sec: rate,
+            eta_seconds,
+        },
         volumes: s.volumes.len(),
         sdcs: s.sdcs.len(),
     }

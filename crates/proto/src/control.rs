@@ -23,8 +23,27 @@ pub enum ControlRequest {
     GetState,
     /// Health: MDM members, SDS liveness, PG counts.
     Status,
-    /// An SDS renews its lease and reports device usage.
-    SdsHeartbeat { sds_id: u64, devices: Vec<DeviceUsage> },
+    /// An SDS renews its lease and reports device usage and back-fill progress.
+    SdsHeartbeat {
+        sds_id: u64,
+        devices: Vec<DeviceUsage>,
+        #[serde(default)]
+        rebuilds: Vec<RebuildProgress>,
+    },
+    /// An SDC (or SDS) could not connect to an SDS: the MDM checks at once instead of
+    /// waiting for its lease to run out.
+    ReportUnreachable { sds_id: u64 },
+}
+
+/// Progress of one back-fill job, reported by the PG primary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebuildProgress {
+    pub pool_id: u64,
+    pub pg_id: u32,
+    pub target_sds_id: u64,
+    pub extents_done: u64,
+    pub extents_total: u64,
+    pub bytes_copied: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +58,7 @@ pub enum ControlResponse {
     State(StateView),
     Status(ClusterStatus),
     Heartbeat(HeartbeatReply),
+    Reported,
     Error(ControlError),
 }
 
@@ -63,8 +83,23 @@ pub struct ClusterStatus {
     pub state_version: u64,
     pub sdss: Vec<SdsStatus>,
     pub pgs: PgCounts,
+    pub rebuild: RebuildStatus,
     pub volumes: usize,
     pub sdcs: usize,
+}
+
+/// Re-mirroring under way across the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RebuildStatus {
+    /// PGs with a copy still being back-filled.
+    pub pgs_rebuilding: u64,
+    /// Extents still to copy in the jobs the primaries have reported.
+    pub extents_remaining: u64,
+    pub bytes_copied: u64,
+    /// Copy rate over the last few seconds.
+    pub rate_bytes_per_sec: u64,
+    /// Seconds until done at the current rate, when known.
+    pub eta_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +117,8 @@ pub struct SdsStatus {
     pub address: String,
     /// `up` while its lease is held, `down` otherwise.
     pub state: String,
+    /// Committed membership: `normal`, or `removed` once declared dead.
+    pub membership: String,
     pub devices: usize,
     pub capacity_bytes: u64,
     pub used_bytes: u64,
@@ -90,10 +127,13 @@ pub struct SdsStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PgCounts {
     pub total_pgs: u64,
-    /// Both copies on SDSs that hold a lease.
+    /// Both copies complete, on SDSs that hold a lease.
     pub healthy_pgs: u64,
-    /// At least one copy missing or on an SDS without a lease.
+    /// Readable, but with fewer than two complete copies on live SDSs (rebuilding, or
+    /// waiting for a replacement).
     pub degraded_pgs: u64,
+    /// No complete copy on a live SDS: IO to these PGs waits until one returns.
+    pub unavailable_pgs: u64,
     /// Pools without placement yet.
     pub unplaced_pgs: u64,
 }
@@ -168,8 +208,8 @@ impl ControlClient {
             if let Some(conn) = conn {
                 match conn.call(kind::CONTROL, &[&body], CONTROL_CALL_TIMEOUT).await {
                     Ok(reply) if reply.status == status::OK => {
-                        let resp: ControlResponse = serde_json::from_slice(&reply.payload)
-                            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                        let resp: ControlResponse =
+                            serde_json::from_slice(&reply.payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
                         match resp {
                             ControlResponse::Error(ControlError::NotLeader { leader }) => {
                                 last_error = format!("MDM {} is not the leader", conn.addr());

@@ -15,6 +15,9 @@ pub mod kind {
     pub const LIST_EXTENTS: u16 = 6;
     /// Payload: IoHeader. Response: crc32c (u32) of the local copy and 1 byte "allocated".
     pub const EXTENT_CHECKSUM: u16 = 7;
+    /// Payload: IoHeader naming pool, PG and epoch (a back-filling primary asks its target).
+    /// Response: (volume id u64, extent index u64) of every extent of that PG held here.
+    pub const LIST_PG_EXTENTS: u16 = 8;
     /// Control-plane request (JSON), served by the MDM.
     pub const CONTROL: u16 = 100;
 }

@@ -79,7 +79,9 @@ impl RpcClient {
             .map_err(|_| RpcError::ConnectTimeout(addr.to_string()))?
             .map_err(|source| RpcError::Connect { addr: addr.to_string(), source })?;
         stream.set_nodelay(true).ok();
-        authenticate_client(&mut stream, secret).await.map_err(|source| RpcError::Auth { addr: addr.to_string(), source })?;
+        authenticate_client(&mut stream, secret)
+            .await
+            .map_err(|source| RpcError::Auth { addr: addr.to_string(), source })?;
         let (read_half, write_half) = stream.into_split();
         let pending: Arc<Pending> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
@@ -218,4 +220,3 @@ pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(
     r.read_exact(&mut payload).await?;
     Ok(Some((header, payload)))
 }
-

@@ -35,7 +35,7 @@ pub struct ClientMap {
 }
 
 pub struct DataClient {
-    pub control: ControlClient,
+    pub control: Arc<ControlClient>,
     secret: ClusterSecret,
     map: RwLock<Arc<ClientMap>>,
     /// Incremented by every completed refresh; lets concurrent failures share one refresh.
@@ -49,7 +49,7 @@ pub struct DataClient {
 impl DataClient {
     pub fn new(control: ControlClient, secret: ClusterSecret) -> DataClient {
         DataClient {
-            control,
+            control: Arc::new(control),
             secret,
             map: RwLock::new(Arc::new(ClientMap::default())),
             refresh_count: Default::default(),
@@ -57,6 +57,15 @@ impl DataClient {
             connections: Mutex::new(HashMap::new()),
             unflushed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Tells the MDM an SDS did not answer, so it can check at once rather than wait for the
+    /// SDS's lease to run out. Fire and forget.
+    fn report_unreachable(&self, sds_id: u64) {
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let _ = control.request(&tessera_proto::control::ControlRequest::ReportUnreachable { sds_id }).await;
+        });
     }
 
     pub fn map(&self) -> Arc<ClientMap> {
@@ -98,6 +107,7 @@ impl DataClient {
             }
             Err(e) => {
                 tracing::warn!(sds_id, %addr, "cannot reach SDS: {e}");
+                self.report_unreachable(sds_id);
                 None
             }
         }
@@ -167,6 +177,7 @@ impl DataClient {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(sds_id = primary.sds_id, "data call failed: {e}");
+                self.report_unreachable(primary.sds_id);
                 return Err(Attempt::RefreshAndRetry);
             }
         };
@@ -178,9 +189,13 @@ impl DataClient {
                 }
                 Ok(reply.payload)
             }
-            status::STALE_EPOCH | status::WRONG_ROLE | status::REPLICA_UNAVAILABLE | status::NOT_READY => {
-                Err(Attempt::RefreshAndRetry)
-            }
+            // The map moved, a copy is being replaced, the SDS has no lease, or its device
+            // failed (the MDM re-peers the PG): all resolve with a newer map.
+            status::STALE_EPOCH
+            | status::WRONG_ROLE
+            | status::REPLICA_UNAVAILABLE
+            | status::NOT_READY
+            | status::IO_ERROR => Err(Attempt::RefreshAndRetry),
             status::MAP_BEHIND => Err(Attempt::Retry),
             status::NO_SPACE => Err(Attempt::Fatal(IoFailure::NoSpace)),
             status::INVALID => Err(Attempt::Fatal(IoFailure::Invalid)),

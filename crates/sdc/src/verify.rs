@@ -78,7 +78,9 @@ pub async fn verify_volume(
         let (pool_id, volume_id) = (pool.id, volume.id);
         tasks.spawn(async move {
             let mut copies = Vec::new();
-            for r in &pg.replicas {
+            // Copies still being back-filled are incomplete by definition: compare the
+            // complete ones.
+            for r in pg.in_sync() {
                 let h = IoHeader {
                     pool_id,
                     volume_id,

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use tessera_core::lease::DEFAULT_HEARTBEAT_INTERVAL_MS;
@@ -25,6 +25,8 @@ pub struct SdsConfig {
     pub mdm_addresses: Vec<String>,
     pub secret: ClusterSecret,
     pub cluster_id: [u8; 16],
+    /// Back-fill bandwidth per source device.
+    pub rebuild_bytes_per_sec: u64,
 }
 
 /// Opens a device, formatting it first if it has never been formatted. A device holding
@@ -113,7 +115,10 @@ fn collect_removed_volumes(sds: &Arc<SdsState>, map: &MapView) {
     });
 }
 
-async fn heartbeat_loop(sds: Arc<SdsState>, sds_id: u64) {
+/// Renews the lease every interval and follows map changes. The lease is extended only
+/// once this SDS's map is at least as new as the state the MDM acknowledged, so it never
+/// serves on a map older than the one current when its lease was granted.
+async fn heartbeat_loop(sds: Arc<SdsState>, heartbeat_client: ControlClient, sds_id: u64) {
     let interval = Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS);
     loop {
         let usage: Vec<DeviceUsage> = sds
@@ -123,16 +128,21 @@ async fn heartbeat_loop(sds: Arc<SdsState>, sds_id: u64) {
             .values()
             .map(|d| DeviceUsage { device_id: d.device_id(), used_extents: d.used_extents() })
             .collect();
-        let mut need_refresh = false;
-        match sds.control.request(&ControlRequest::SdsHeartbeat { sds_id, devices: usage }).await {
-            Ok(ControlResponse::Heartbeat(reply)) => need_refresh = reply.state_version > sds.map().version,
+        let request = ControlRequest::SdsHeartbeat { sds_id, devices: usage, rebuilds: sds.rebuilds.progress() };
+        let sent_at = Instant::now();
+        match heartbeat_client.request(&request).await {
+            Ok(ControlResponse::Heartbeat(reply)) => {
+                if reply.state_version > sds.map().version {
+                    if let Err(e) = refresh(&sds, sds_id).await {
+                        tracing::warn!("map refresh failed: {e:#}");
+                    }
+                }
+                if sds.map().version >= reply.state_version {
+                    sds.renew_lease(sent_at, Duration::from_millis(reply.lease_duration_ms));
+                }
+            }
             Ok(other) => tracing::warn!("unexpected heartbeat reply: {other:?}"),
             Err(e) => tracing::warn!("heartbeat failed: {e}"),
-        }
-        if need_refresh {
-            if let Err(e) = refresh(&sds, sds_id).await {
-                tracing::warn!("map refresh failed: {e:#}");
-            }
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -162,7 +172,13 @@ pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
     let sds = Arc::new(SdsState::new(cfg.name.clone(), cfg.secret.clone(), cfg.cluster_id, control));
     refresh(&sds, me.id).await.context("opening devices")?;
     tracing::info!(name = %cfg.name, id = me.id, addr = %cfg.listen, "SDS serving");
-    tokio::spawn(heartbeat_loop(sds.clone(), me.id));
+    // Heartbeats use their own connection and give up quickly: an SDS cut off from the MDM
+    // must let its lease lapse, not wait behind retries.
+    let mut heartbeat_client = ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone());
+    heartbeat_client.retry_for = Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS);
+    sds.rebuilds.bytes_per_sec.store(cfg.rebuild_bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
+    tokio::spawn(heartbeat_loop(sds.clone(), heartbeat_client, me.id));
+    tokio::spawn(crate::rebuild::scheduler(sds.clone()));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

@@ -513,6 +513,16 @@ impl Device {
         index.by_key.range(volume_range(volume_id)).filter(|(_, m)| m.durable).map(|(k, _)| k.extent_index).collect()
     }
 
+    /// Whether the extent has a durable slot on this device.
+    pub fn is_allocated(&self, key: ExtentKey) -> bool {
+        read_lock(&self.index).by_key.get(&key).is_some_and(|m| m.durable)
+    }
+
+    /// Allocated extents of one PG, in key order (back-fill works PG by PG).
+    pub fn extents_of_pg(&self, pg_id: u32) -> Vec<ExtentKey> {
+        read_lock(&self.index).by_key.iter().filter(|(_, m)| m.durable && m.pg_id == pg_id).map(|(k, _)| *k).collect()
+    }
+
     /// Every allocated extent with its PG and allocation generation, in key order.
     pub fn allocated_extents(&self) -> Vec<(ExtentKey, u32, u64)> {
         let index = read_lock(&self.index);

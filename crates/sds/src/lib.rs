@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod device;
 pub mod map;
 pub mod range_lock;
+pub mod rebuild;
 pub mod server;
 
 pub use daemon::{run_sds, SdsConfig};

@@ -20,6 +20,8 @@ pub struct PoolView {
 pub struct PgView {
     pub epoch: u64,
     pub replicas: Vec<Replica>,
+    /// SDSs whose copy is still being back-filled.
+    pub syncing: Vec<u64>,
 }
 
 /// An immutable snapshot of the map, swapped whole when the MDM's state changes.
@@ -41,7 +43,15 @@ impl MapView {
             .pools
             .values()
             .map(|p| {
-                let pgs = p.pgs.iter().map(|pg| PgView { epoch: pg.epoch, replicas: pg.replicas.clone() }).collect();
+                let pgs = p
+                    .pgs
+                    .iter()
+                    .map(|pg| PgView {
+                        epoch: pg.epoch,
+                        replicas: pg.replicas.clone(),
+                        syncing: pg.syncing.iter().copied().collect(),
+                    })
+                    .collect();
                 (p.id, PoolView { extent_size_bytes: p.extent_size_bytes, pg_count: p.pg_count, pgs })
             })
             .collect();
@@ -56,11 +66,36 @@ impl MapView {
     }
 }
 
+/// Most copies a PG has at once: two, plus one while a PG moves (rebalance).
+pub const MAX_COPIES: usize = 4;
+
+/// The other copies a primary forwards writes to. Fixed capacity: no allocation per IO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Others {
+    items: [Replica; MAX_COPIES],
+    len: usize,
+}
+
+impl Others {
+    fn of(replicas: &[Replica]) -> Others {
+        let mut o = Others { items: [Replica { sds_id: 0, device_id: 0 }; MAX_COPIES], len: 0 };
+        for r in replicas.iter().take(MAX_COPIES) {
+            o.items[o.len] = *r;
+            o.len += 1;
+        }
+        o
+    }
+
+    pub fn as_slice(&self) -> &[Replica] {
+        &self.items[..self.len]
+    }
+}
+
 /// The role this SDS plays for a request that passed the checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Apply locally and forward to `secondary`.
-    Primary { local: Replica, secondary: Option<Replica> },
+    /// Apply locally and forward to every other copy.
+    Primary { local: Replica, others: Others },
     /// Apply locally only (forwarded write, or a copy read for verification).
     Local { local: Replica },
 }
@@ -102,7 +137,7 @@ pub fn check_io(map: &MapView, h: &IoHeader, is_write: bool) -> Result<Role, u32
     if position != 0 {
         return Err(status::WRONG_ROLE);
     }
-    Ok(Role::Primary { local, secondary: pg.replicas.get(1).copied() })
+    Ok(Role::Primary { local, others: Others::of(&pg.replicas[1..]) })
 }
 
 #[cfg(test)]
@@ -115,6 +150,7 @@ mod tests {
             .map(|_| PgView {
                 epoch: 3,
                 replicas: vec![Replica { sds_id: 1, device_id: 11 }, Replica { sds_id: 2, device_id: 22 }],
+                syncing: vec![],
             })
             .collect();
         let mut m = MapView { sds_id, ..Default::default() };
@@ -137,8 +173,10 @@ mod tests {
 
     #[test]
     fn primary_serves_and_forwards() {
-        let role = check_io(&map_with(1), &req(0, 3, 0), true).unwrap();
-        assert!(matches!(role, Role::Primary { secondary: Some(Replica { sds_id: 2, .. }), .. }));
+        let Role::Primary { others, .. } = check_io(&map_with(1), &req(0, 3, 0), true).unwrap() else {
+            panic!("not primary")
+        };
+        assert_eq!(others.as_slice(), &[Replica { sds_id: 2, device_id: 22 }]);
     }
 
     #[test]

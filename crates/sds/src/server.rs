@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_proto::control::ControlClient;
 use tessera_proto::data::{flags, kind, status, IoHeader, IO_HEADER_BYTES};
@@ -14,8 +14,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::device::{Device, DeviceError, ExtentKey};
-use crate::map::{check_io, MapView, Role};
+use crate::map::{check_io, MapView, Role, MAX_COPIES};
 use crate::range_lock::RangeLocks;
+use tessera_core::Replica;
 
 /// A forwarded write or flush that takes longer than this fails the client's request
 /// (it is retried by the client; a write is never acked without both copies).
@@ -35,6 +36,13 @@ pub struct SdsState {
     forwarded_since_flush: Mutex<HashSet<u64>>,
     /// Wakes the heartbeat loop to refetch the map at once.
     pub refresh: Notify,
+    /// Until when this SDS may serve IO: the send time of its last acknowledged heartbeat
+    /// plus the lease. The MDM counts the lease from when it received that heartbeat (later),
+    /// plus a grace, so this SDS always stops serving before the MDM may replace it.
+    lease_valid_until: Mutex<Option<Instant>>,
+    /// Devices already reported failed (report once).
+    failed_devices: Mutex<HashSet<u64>>,
+    pub rebuilds: crate::rebuild::RebuildJobs,
 }
 
 fn device_status(e: &DeviceError) -> u32 {
@@ -58,14 +66,49 @@ impl SdsState {
             locks: Arc::new(RangeLocks::default()),
             forwarded_since_flush: Mutex::new(HashSet::new()),
             refresh: Notify::new(),
+            lease_valid_until: Mutex::new(None),
+            failed_devices: Mutex::new(HashSet::new()),
+            rebuilds: Default::default(),
         }
+    }
+
+    /// Extends the lease after an acknowledged heartbeat sent at `sent_at`.
+    pub fn renew_lease(&self, sent_at: Instant, lease_duration: Duration) {
+        let mut until = self.lease_valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        let new_until = sent_at + lease_duration;
+        if until.is_none_or(|u| u < new_until) {
+            *until = Some(new_until);
+        }
+    }
+
+    pub fn lease_held(&self) -> bool {
+        self.lease_valid_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|u| Instant::now() < u)
+    }
+
+    /// Reports a device that failed an IO to the MDM, once; the MDM re-peers its PGs.
+    fn report_device_failure(self: &Arc<Self>, device_id: u64) {
+        if !self.failed_devices.lock().unwrap_or_else(|p| p.into_inner()).insert(device_id) {
+            return;
+        }
+        tracing::error!(device_id, "device failed an IO: reporting it to the MDM");
+        let sds = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sds.control.execute(tessera_core::Command::FailDevice { device_id }).await {
+                tracing::error!(device_id, "reporting the failed device: {e}");
+                sds.failed_devices.lock().unwrap_or_else(|p| p.into_inner()).remove(&device_id);
+            }
+        });
+    }
+
+    pub fn range_locks(&self) -> &Arc<RangeLocks> {
+        &self.locks
     }
 
     pub fn map(&self) -> Arc<MapView> {
         self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn device(&self, device_id: u64) -> Option<Arc<Device>> {
+    pub fn device(&self, device_id: u64) -> Option<Arc<Device>> {
         self.devices.read().unwrap_or_else(|p| p.into_inner()).get(&device_id).cloned()
     }
 
@@ -73,7 +116,7 @@ impl SdsState {
         self.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
-    async fn peer(&self, sds_id: u64) -> Result<RpcClient, u32> {
+    pub async fn peer(&self, sds_id: u64) -> Result<RpcClient, u32> {
         let mut peers = self.peers.lock().await;
         if let Some(c) = peers.get(&sds_id) {
             if !c.is_closed() {
@@ -101,11 +144,16 @@ impl SdsState {
             kind::FLUSH => self.flush(&payload).await,
             kind::LIST_EXTENTS => self.list_extents(&payload),
             kind::EXTENT_CHECKSUM => self.extent_checksum(&payload).await,
+            kind::LIST_PG_EXTENTS => self.list_pg_extents(&payload),
             _ => (status::UNKNOWN_KIND, Vec::new()),
         }
     }
 
     fn check(&self, h: &IoHeader, is_write: bool) -> Result<Role, u32> {
+        // Fencing: without a lease the MDM may already have replaced this SDS's copies.
+        if !self.lease_held() {
+            return Err(status::NOT_READY);
+        }
         let verdict = check_io(&self.map(), h, is_write);
         if verdict == Err(status::MAP_BEHIND) {
             self.refresh.notify_one();
@@ -113,7 +161,7 @@ impl SdsState {
         verdict
     }
 
-    async fn read(&self, payload: &[u8]) -> (u32, Vec<u8>) {
+    async fn read(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
         let Some(h) = IoHeader::decode(payload) else { return (status::INVALID, Vec::new()) };
         let local = match self.check(&h, false) {
             Ok(Role::Primary { local, .. }) | Ok(Role::Local { local }) => local,
@@ -127,9 +175,15 @@ impl SdsState {
         })
         .await;
         match result {
+            // The lease may have lapsed while the read ran (a paused process, say): data read
+            // then may already be stale, so it is not returned.
+            Ok(Ok(_)) if !self.lease_held() => (status::NOT_READY, Vec::new()),
             Ok(Ok(buf)) => (status::OK, buf),
             Ok(Err(e)) => {
                 tracing::warn!("read failed: {e}");
+                if device_status(&e) == status::IO_ERROR {
+                    self.report_device_failure(local.device_id);
+                }
                 (device_status(&e), Vec::new())
             }
             Err(_) => (status::IO_ERROR, Vec::new()),
@@ -149,18 +203,13 @@ impl SdsState {
         let payload = Arc::new(payload);
         match role {
             Role::Local { local } => (self.apply_local(op, h, local.device_id, payload).await, Vec::new()),
-            Role::Primary { local, secondary } => {
+            Role::Primary { local, others } => {
                 let end = h.offset_in_extent + h.length;
                 let _guard = self.locks.lock(h.volume_id, h.extent_index, h.offset_in_extent, end).await;
                 let local_write = self.apply_local(op, h, local.device_id, payload.clone());
-                let Some(secondary) = secondary else {
-                    // A PG always has two copies in this release; acking with one would break
-                    // the mirror promise, so refuse.
-                    return (status::REPLICA_UNAVAILABLE, Vec::new());
-                };
-                let forward = self.forward(op, h, secondary.sds_id, &payload);
-                let (local_status, forward_status) = tokio::join!(local_write, forward);
-                // Ack only when both copies have the write.
+                let forwards = self.forward_all(op, h, others.as_slice(), &payload);
+                let (local_status, forward_status) = tokio::join!(local_write, forwards);
+                // Ack only when every copy has the write (or a lost copy's removal is committed).
                 if local_status != status::OK {
                     return (local_status, Vec::new());
                 }
@@ -169,7 +218,78 @@ impl SdsState {
         }
     }
 
-    async fn apply_local(&self, op: u16, h: IoHeader, device_id: u64, payload: Arc<Vec<u8>>) -> u32 {
+    /// Forwards a write to every other copy of the PG, concurrently.
+    async fn forward_all(self: &Arc<Self>, op: u16, h: IoHeader, others: &[Replica], payload: &Arc<Vec<u8>>) -> u32 {
+        let mut statuses = [status::OK; MAX_COPIES];
+        match others {
+            [] => {}
+            [only] => statuses[0] = self.forward(op, h, only.sds_id, payload).await,
+            many => {
+                let mut set = tokio::task::JoinSet::new();
+                for (i, r) in many.iter().enumerate() {
+                    let (sds, payload, sds_id) = (self.clone(), payload.clone(), r.sds_id);
+                    set.spawn(async move { (i, sds.forward(op, h, sds_id, &payload).await) });
+                }
+                while let Some(joined) = set.join_next().await {
+                    if let Ok((i, st)) = joined {
+                        statuses[i] = st;
+                    } else {
+                        return status::IO_ERROR;
+                    }
+                }
+            }
+        }
+        let mut result = status::OK;
+        for (r, st) in others.iter().zip(statuses) {
+            match st {
+                status::OK => {}
+                // The maps disagree: the client refetches and retries; nothing is removed.
+                status::STALE_EPOCH | status::MAP_BEHIND => return st,
+                _ => {
+                    let dropped = self.drop_unreachable_copy(h, r.sds_id).await;
+                    if dropped != status::OK {
+                        result = dropped;
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// The degraded-write rule. A copy that missed a write must leave the PG *before* the
+    /// write is acknowledged: if we acked first and this primary then died, the MDM could
+    /// promote the copy that lacks the write, losing acknowledged data. The removal is
+    /// conditional on the epoch the write was checked against, so a primary that was itself
+    /// replaced meanwhile cannot remove a good copy: its request is refused, and the write
+    /// fails back to the client, which retries against the new map.
+    async fn drop_unreachable_copy(&self, h: IoHeader, sds_id: u64) -> u32 {
+        let cmd =
+            tessera_core::Command::RemoveReplica { pool_id: h.pool_id, pg_id: h.pg_id, epoch: h.pg_epoch, sds_id };
+        match self.control.execute(cmd).await {
+            Ok(_) => {
+                tracing::warn!(
+                    pool = h.pool_id,
+                    pg = h.pg_id,
+                    epoch = h.pg_epoch,
+                    sds_id,
+                    "dropped an unreachable copy"
+                );
+                self.refresh.notify_one();
+                status::OK
+            }
+            Err(tessera_proto::control::ClientError::Control(e)) => {
+                tracing::info!(pool = h.pool_id, pg = h.pg_id, sds_id, "copy removal refused: {e}");
+                self.refresh.notify_one();
+                status::STALE_EPOCH
+            }
+            Err(e) => {
+                tracing::warn!(sds_id, "cannot reach the MDM to drop an unreachable copy: {e}");
+                status::REPLICA_UNAVAILABLE
+            }
+        }
+    }
+
+    async fn apply_local(self: &Arc<Self>, op: u16, h: IoHeader, device_id: u64, payload: Arc<Vec<u8>>) -> u32 {
         let Some(dev) = self.device(device_id) else { return status::IO_ERROR };
         let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
         let fua = h.flags & flags::FUA != 0;
@@ -185,6 +305,9 @@ impl SdsState {
             Ok(Ok(())) => status::OK,
             Ok(Err(e)) => {
                 tracing::warn!("local write failed: {e}");
+                if device_status(&e) == status::IO_ERROR {
+                    self.report_device_failure(device_id);
+                }
                 device_status(&e)
             }
             Err(_) => status::IO_ERROR,
@@ -200,10 +323,12 @@ impl SdsState {
                 if reply.status != status::OK {
                     tracing::warn!(sds_id, "secondary refused write: {}", status::name(reply.status));
                 }
-                // Epoch disagreements are the client's to resolve by refetching its map;
-                // anything else means the secondary does not have the write.
+                // Epoch disagreements are the client's to resolve by refetching its map; a
+                // copy without a lease yet (restarting) is waited for; anything else means
+                // the copy does not have the write.
                 match reply.status {
                     status::OK | status::STALE_EPOCH | status::MAP_BEHIND => reply.status,
+                    status::NOT_READY => status::MAP_BEHIND,
                     _ => status::REPLICA_UNAVAILABLE,
                 }
             }
@@ -258,6 +383,32 @@ impl SdsState {
         extents.sort_unstable();
         extents.dedup();
         (status::OK, extents.iter().flat_map(|e| e.to_le_bytes()).collect())
+    }
+
+    /// Extents of one PG held here, for a back-filling primary.
+    fn list_pg_extents(&self, payload: &[u8]) -> (u32, Vec<u8>) {
+        let Some(h) = IoHeader::decode(payload) else { return (status::INVALID, Vec::new()) };
+        if !self.lease_held() {
+            return (status::NOT_READY, Vec::new());
+        }
+        let map = self.map();
+        let Some(pg) = map.pools.get(&h.pool_id).and_then(|p| p.pgs.get(h.pg_id as usize)) else {
+            return (status::MAP_BEHIND, Vec::new());
+        };
+        if h.pg_epoch != pg.epoch {
+            return (if h.pg_epoch < pg.epoch { status::STALE_EPOCH } else { status::MAP_BEHIND }, Vec::new());
+        }
+        let Some(local) = pg.replicas.iter().skip(1).find(|r| r.sds_id == map.sds_id) else {
+            return (status::WRONG_ROLE, Vec::new());
+        };
+        let Some(dev) = self.device(local.device_id) else { return (status::IO_ERROR, Vec::new()) };
+        let keys = dev.extents_of_pg(h.pg_id);
+        let mut out = Vec::with_capacity(keys.len() * 16);
+        for k in keys {
+            out.extend_from_slice(&k.volume_id.to_le_bytes());
+            out.extend_from_slice(&k.extent_index.to_le_bytes());
+        }
+        (status::OK, out)
     }
 
     async fn extent_checksum(&self, payload: &[u8]) -> (u32, Vec<u8>) {

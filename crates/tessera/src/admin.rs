@@ -48,34 +48,41 @@ impl Admin {
                 if self.json {
                     return print_json(&s);
                 }
-                println!("MDM cluster: {} member(s), leader {}", s.mdm_members.len(), s.leader_id.map_or("none".into(), |l| l.to_string()));
+                println!(
+                    "MDM cluster: {} member(s), leader {}",
+                    s.mdm_members.len(),
+                    s.leader_id.map_or("none".into(), |l| l.to_string())
+                );
                 table::print(
                     &["id", "address", "role", "leader"],
-                    s.mdm_members.iter().map(|m| vec![m.id.to_string(), m.address.clone(), m.role.clone(), m.is_leader.to_string()]).collect(),
-                );
-                println!();
-                table::print(
-                    &["sds", "id", "address", "state", "devices", "capacity", "used"],
-                    s.sdss
+                    s.mdm_members
                         .iter()
-                        .map(|d| {
-                            vec![
-                                d.name.clone(),
-                                d.id.to_string(),
-                                d.address.clone(),
-                                d.state.clone(),
-                                d.devices.to_string(),
-                                format_size(d.capacity_bytes),
-                                format_size(d.used_bytes),
-                            ]
-                        })
+                        .map(|m| vec![m.id.to_string(), m.address.clone(), m.role.clone(), m.is_leader.to_string()])
                         .collect(),
                 );
                 println!();
+                print_sds_table(&s.sdss);
+                println!();
                 println!(
-                    "PGs: {} total, {} healthy, {} degraded, {} unplaced; {} volume(s), {} SDC(s)",
-                    s.pgs.total_pgs, s.pgs.healthy_pgs, s.pgs.degraded_pgs, s.pgs.unplaced_pgs, s.volumes, s.sdcs
+                    "PGs: {} total, {} healthy, {} degraded, {} unavailable, {} unplaced; {} volume(s), {} SDC(s)",
+                    s.pgs.total_pgs,
+                    s.pgs.healthy_pgs,
+                    s.pgs.degraded_pgs,
+                    s.pgs.unavailable_pgs,
+                    s.pgs.unplaced_pgs,
+                    s.volumes,
+                    s.sdcs
                 );
+                let r = &s.rebuild;
+                if r.pgs_rebuilding > 0 {
+                    println!(
+                        "Rebuild: {} PG(s) re-mirroring, {} extent(s) to copy, {}/s, ETA {}",
+                        r.pgs_rebuilding,
+                        r.extents_remaining,
+                        format_size(r.rate_bytes_per_sec),
+                        r.eta_seconds.map_or("unknown".into(), |e| format!("{e} s"))
+                    );
+                }
                 Ok(())
             }
         }
@@ -83,8 +90,20 @@ impl Admin {
 
     pub async fn pd(&self, cmd: PdCmd) -> anyhow::Result<()> {
         match cmd {
-            PdCmd::Create { name } => self.exec(Command::CreateProtectionDomain { name: name.clone() }, &format!("created protection domain {name}")).await,
-            PdCmd::Remove { name } => self.exec(Command::RemoveProtectionDomain { name: name.clone() }, &format!("removed protection domain {name}")).await,
+            PdCmd::Create { name } => {
+                self.exec(
+                    Command::CreateProtectionDomain { name: name.clone() },
+                    &format!("created protection domain {name}"),
+                )
+                .await
+            }
+            PdCmd::Remove { name } => {
+                self.exec(
+                    Command::RemoveProtectionDomain { name: name.clone() },
+                    &format!("removed protection domain {name}"),
+                )
+                .await
+            }
             PdCmd::List => {
                 let s = self.state().await?;
                 if self.json {
@@ -121,8 +140,14 @@ impl Admin {
 
     pub async fn fault_set(&self, cmd: FaultSetCmd) -> anyhow::Result<()> {
         match cmd {
-            FaultSetCmd::Create { pd, name } => self.exec(Command::CreateFaultSet { pd, name: name.clone() }, &format!("created fault set {name}")).await,
-            FaultSetCmd::Remove { pd, name } => self.exec(Command::RemoveFaultSet { pd, name: name.clone() }, &format!("removed fault set {name}")).await,
+            FaultSetCmd::Create { pd, name } => {
+                self.exec(Command::CreateFaultSet { pd, name: name.clone() }, &format!("created fault set {name}"))
+                    .await
+            }
+            FaultSetCmd::Remove { pd, name } => {
+                self.exec(Command::RemoveFaultSet { pd, name: name.clone() }, &format!("removed fault set {name}"))
+                    .await
+            }
             FaultSetCmd::List => {
                 let s = self.state().await?;
                 if self.json {
@@ -151,13 +176,23 @@ impl Admin {
         match cmd {
             PoolCmd::Create { name, pd, extent_size, pg_count, spare_percent } => {
                 let extent = parse_size_bytes(&extent_size).map_err(|e| anyhow!(e))?;
-                let extent_size_bytes = u32::try_from(extent).map_err(|_| anyhow!("extent size {extent_size} too large"))?;
-                self.exec(Command::CreatePool { pd, name: name.clone(), extent_size_bytes, pg_count, spare_percent }, &format!("created pool {name}"))
-                    .await
+                let extent_size_bytes =
+                    u32::try_from(extent).map_err(|_| anyhow!("extent size {extent_size} too large"))?;
+                self.exec(
+                    Command::CreatePool { pd, name: name.clone(), extent_size_bytes, pg_count, spare_percent },
+                    &format!("created pool {name}"),
+                )
+                .await
             }
-            PoolCmd::Remove { name } => self.exec(Command::RemovePool { name: name.clone() }, &format!("removed pool {name}")).await,
+            PoolCmd::Remove { name } => {
+                self.exec(Command::RemovePool { name: name.clone() }, &format!("removed pool {name}")).await
+            }
             PoolCmd::SetSpare { name, spare_percent } => {
-                self.exec(Command::SetSparePercent { pool: name.clone(), spare_percent }, &format!("pool {name} spare set to {spare_percent}%")).await
+                self.exec(
+                    Command::SetSparePercent { pool: name.clone(), spare_percent },
+                    &format!("pool {name} spare set to {spare_percent}%"),
+                )
+                .await
             }
             PoolCmd::List => {
                 let s = self.state().await?;
@@ -175,7 +210,11 @@ impl Admin {
                                 p.id.to_string(),
                                 s.protection_domains.get(&p.pd_id).map_or("?".into(), |x| x.name.clone()),
                                 format_size(u64::from(p.extent_size_bytes)),
-                                if p.pgs.is_empty() { format!("{} (unplaced)", p.pg_count) } else { p.pg_count.to_string() },
+                                if p.pgs.is_empty() {
+                                    format!("{} (unplaced)", p.pg_count)
+                                } else {
+                                    p.pg_count.to_string()
+                                },
                                 format!("{}%", p.spare_percent),
                                 s.devices_of_pool(p.id).count().to_string(),
                                 format_size(s.pool_raw_capacity_bytes(p.id)),
@@ -197,31 +236,21 @@ impl Admin {
     pub async fn sds(&self, cmd: SdsCmd) -> anyhow::Result<()> {
         match cmd {
             SdsCmd::Add { name, pd, address, fault_set } => {
-                self.exec(Command::AddSds { name: name.clone(), pd, fault_set, data_address: address }, &format!("added SDS {name}")).await
+                self.exec(
+                    Command::AddSds { name: name.clone(), pd, fault_set, data_address: address },
+                    &format!("added SDS {name}"),
+                )
+                .await
             }
-            SdsCmd::Remove { name } => self.exec(Command::RemoveSds { name: name.clone() }, &format!("removed SDS {name}")).await,
+            SdsCmd::Remove { name } => {
+                self.exec(Command::RemoveSds { name: name.clone() }, &format!("removed SDS {name}")).await
+            }
             SdsCmd::List => {
                 let st = self.control.status().await?;
                 if self.json {
                     return print_json(&st.sdss);
                 }
-                table::print(
-                    &["name", "id", "address", "state", "devices", "capacity", "used"],
-                    st.sdss
-                        .iter()
-                        .map(|d| {
-                            vec![
-                                d.name.clone(),
-                                d.id.to_string(),
-                                d.address.clone(),
-                                d.state.clone(),
-                                d.devices.to_string(),
-                                format_size(d.capacity_bytes),
-                                format_size(d.used_bytes),
-                            ]
-                        })
-                        .collect(),
-                );
+                print_sds_table(&st.sdss);
                 Ok(())
             }
             SdsCmd::Show { name } => {
@@ -236,10 +265,18 @@ impl Admin {
     pub async fn device(&self, cmd: DeviceCmd) -> anyhow::Result<()> {
         match cmd {
             DeviceCmd::Add { sds, pool, path } => {
-                self.exec(Command::AddDevice { sds: sds.clone(), pool, path: path.clone() }, &format!("added device {path} to SDS {sds}")).await
+                self.exec(
+                    Command::AddDevice { sds: sds.clone(), pool, path: path.clone() },
+                    &format!("added device {path} to SDS {sds}"),
+                )
+                .await
             }
             DeviceCmd::Remove { sds, path } => {
-                self.exec(Command::RemoveDevice { sds: sds.clone(), path: path.clone() }, &format!("removed device {path} from SDS {sds}")).await
+                self.exec(
+                    Command::RemoveDevice { sds: sds.clone(), path: path.clone() },
+                    &format!("removed device {path} from SDS {sds}"),
+                )
+                .await
             }
             DeviceCmd::List => {
                 let s = self.state().await?;
@@ -299,15 +336,23 @@ impl Admin {
                 )
                 .await
             }
-            VolumeCmd::Remove { name } => self.exec(Command::RemoveVolume { name: name.clone() }, &format!("removed volume {name}")).await,
+            VolumeCmd::Remove { name } => {
+                self.exec(Command::RemoveVolume { name: name.clone() }, &format!("removed volume {name}")).await
+            }
             VolumeCmd::Grow { name, size } => {
                 let size_bytes = parse_size_bytes(&size).map_err(|e| anyhow!(e))?;
-                self.exec(Command::ResizeVolume { name: name.clone(), size_bytes }, &format!("volume {name} is now {}", format_size(size_bytes))).await
+                self.exec(
+                    Command::ResizeVolume { name: name.clone(), size_bytes },
+                    &format!("volume {name} is now {}", format_size(size_bytes)),
+                )
+                .await
             }
             VolumeCmd::Map { name, sdc, allow_multi_map } => {
                 let s = self.state().await?;
                 let sdc = self.default_sdc(&s, sdc)?;
-                self.control.execute(Command::MapVolume { volume: name.clone(), sdc: sdc.clone(), allow_multi_map }).await?;
+                self.control
+                    .execute(Command::MapVolume { volume: name.clone(), sdc: sdc.clone(), allow_multi_map })
+                    .await?;
                 let s = self.state().await?;
                 let x = s.sdc_by_name(&sdc).ok_or_else(|| anyhow!("SDC {sdc:?} vanished"))?;
                 let uri = format!("nbd+unix:///{name}?socket={}", x.nbd_socket);
@@ -320,7 +365,11 @@ impl Admin {
             VolumeCmd::Unmap { name, sdc } => {
                 let s = self.state().await?;
                 let sdc = self.default_sdc(&s, sdc)?;
-                self.exec(Command::UnmapVolume { volume: name.clone(), sdc: sdc.clone() }, &format!("unmapped volume {name} from SDC {sdc}")).await
+                self.exec(
+                    Command::UnmapVolume { volume: name.clone(), sdc: sdc.clone() },
+                    &format!("unmapped volume {name} from SDC {sdc}"),
+                )
+                .await
             }
             VolumeCmd::List => {
                 let s = self.state().await?;
@@ -332,7 +381,8 @@ impl Admin {
                     s.volumes
                         .values()
                         .map(|v| {
-                            let sdcs: Vec<String> = v.mapped_sdcs.iter().filter_map(|id| s.sdcs.get(id).map(|c| c.name.clone())).collect();
+                            let sdcs: Vec<String> =
+                                v.mapped_sdcs.iter().filter_map(|id| s.sdcs.get(id).map(|c| c.name.clone())).collect();
                             vec![
                                 v.name.clone(),
                                 v.id.to_string(),
@@ -358,19 +408,32 @@ impl Admin {
                 if self.json {
                     print_json(&report)?;
                 } else if report.mismatches.is_empty() {
-                    println!("volume {name}: {} allocated extent(s) checked, both copies identical", report.extents_checked);
+                    println!(
+                        "volume {name}: {} allocated extent(s) checked, both copies identical",
+                        report.extents_checked
+                    );
                 } else {
                     for m in &report.mismatches {
                         let copies: Vec<String> = m
                             .copies
                             .iter()
-                            .map(|c| format!("sds {}: {}", c.sds_id, c.crc32c.map_or("unreadable".into(), |x| format!("{x:08x}"))))
+                            .map(|c| {
+                                format!(
+                                    "sds {}: {}",
+                                    c.sds_id,
+                                    c.crc32c.map_or("unreadable".into(), |x| format!("{x:08x}"))
+                                )
+                            })
                             .collect();
                         println!("extent {} (pg {}): copies differ: {}", m.extent_index, m.pg_id, copies.join(", "));
                     }
                 }
                 if !report.mismatches.is_empty() {
-                    bail!("volume {name}: {} of {} extent(s) differ between copies", report.mismatches.len(), report.extents_checked);
+                    bail!(
+                        "volume {name}: {} of {} extent(s) differ between copies",
+                        report.mismatches.len(),
+                        report.extents_checked
+                    );
                 }
                 Ok(())
             }
@@ -379,7 +442,9 @@ impl Admin {
 
     pub async fn sdc(&self, cmd: SdcCmd) -> anyhow::Result<()> {
         match cmd {
-            SdcCmd::Remove { name } => self.exec(Command::RemoveSdc { name: name.clone() }, &format!("removed SDC {name}")).await,
+            SdcCmd::Remove { name } => {
+                self.exec(Command::RemoveSdc { name: name.clone() }, &format!("removed SDC {name}")).await
+            }
             SdcCmd::List => {
                 let s = self.state().await?;
                 if self.json {
@@ -403,6 +468,26 @@ impl Admin {
             }
         }
     }
+}
+
+fn print_sds_table(sdss: &[tessera_proto::control::SdsStatus]) {
+    table::print(
+        &["sds", "id", "address", "state", "membership", "devices", "capacity", "used"],
+        sdss.iter()
+            .map(|d| {
+                vec![
+                    d.name.clone(),
+                    d.id.to_string(),
+                    d.address.clone(),
+                    d.state.clone(),
+                    d.membership.clone(),
+                    d.devices.to_string(),
+                    format_size(d.capacity_bytes),
+                    format_size(d.used_bytes),
+                ]
+            })
+            .collect(),
+    );
 }
 
 fn pool_json(s: &ClusterState, p: &tessera_core::StoragePool) -> serde_json::Value {

@@ -91,6 +91,9 @@ pub enum DaemonCmd {
         name: String,
         #[arg(long)]
         listen: SocketAddr,
+        /// Back-fill bandwidth per source device, MiB/s.
+        #[arg(long, default_value_t = 256)]
+        rebuild_mib_per_sec: u64,
     },
     Sdc {
         #[arg(long)]
@@ -112,12 +115,18 @@ pub enum ClusterCmd {
 
 #[derive(Subcommand)]
 pub enum PdCmd {
-    Create { name: String },
+    Create {
+        name: String,
+    },
     #[command(alias = "ls")]
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     #[command(alias = "rm")]
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -152,9 +161,13 @@ pub enum PoolCmd {
     },
     #[command(alias = "ls")]
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     #[command(alias = "rm")]
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
     SetSpare {
         name: String,
         #[arg(long)]
@@ -176,9 +189,13 @@ pub enum SdsCmd {
     },
     #[command(alias = "ls")]
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     #[command(alias = "rm")]
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -77,7 +77,8 @@ impl ClientConfig {
 
 /// `--config`, else `TESSERA_CONFIG`, else `./tessera.toml`.
 pub fn resolve_path(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| std::env::var_os("TESSERA_CONFIG").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("tessera.toml"))
+    flag.or_else(|| std::env::var_os("TESSERA_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("tessera.toml"))
 }
 
 pub fn new_cluster_id() -> String {

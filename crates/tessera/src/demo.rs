@@ -21,7 +21,8 @@ fn step(n: usize, total: usize, text: &str) {
 
 fn run(cmd: &mut Process) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("running {shown} (is it installed? scripts/test.sh installs it)"))?;
+    let status =
+        cmd.status().with_context(|| format!("running {shown} (is it installed? scripts/test.sh installs it)"))?;
     if !status.success() {
         bail!("{shown} failed: {status}");
     }
@@ -58,15 +59,34 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
     let total = 7;
     let started = Instant::now();
     step(1, total, &format!("starting a local cluster in {} (MDM, 3 SDSs, SDC on 127.0.0.1)", dir.display()));
-    let args = UpArgs { dir: dir.to_path_buf(), sds: Some(3), device_size: "1GiB".into(), ip: "127.0.0.1".into(), base_port: free_port_base(), detach: true };
+    let args = UpArgs {
+        dir: dir.to_path_buf(),
+        sds: Some(3),
+        device_size: "1GiB".into(),
+        ip: "127.0.0.1".into(),
+        base_port: free_port_base(),
+        detach: true,
+    };
     let cfg = local::up(&args).await?;
     let control = ControlClient::new(cfg.mdm.clone(), cfg.secret()?);
 
     step(2, total, &format!("creating thin volume {DEMO_VOLUME} (256 MiB) and mapping it to {}", local::LOCAL_SDC));
     control
-        .execute(Command::CreateVolume { name: DEMO_VOLUME.into(), pool: local::LOCAL_POOL.into(), size_bytes: 256 << 20, thin: true, allow_multi_map: false })
+        .execute(Command::CreateVolume {
+            name: DEMO_VOLUME.into(),
+            pool: local::LOCAL_POOL.into(),
+            size_bytes: 256 << 20,
+            thin: true,
+            allow_multi_map: false,
+        })
         .await?;
-    control.execute(Command::MapVolume { volume: DEMO_VOLUME.into(), sdc: local::LOCAL_SDC.into(), allow_multi_map: false }).await?;
+    control
+        .execute(Command::MapVolume {
+            volume: DEMO_VOLUME.into(),
+            sdc: local::LOCAL_SDC.into(),
+            allow_multi_map: false,
+        })
+        .await?;
     let uri = format!("nbd+unix:///{DEMO_VOLUME}?socket={}", dir.join(format!("{}.sock", local::LOCAL_SDC)).display());
     eprintln!("      NBD URI: {uri}");
 

@@ -82,7 +82,12 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
     for entry in std::fs::read_dir(&dir)? {
         let p = entry?.path();
         if p.extension().is_some_and(|e| e == "pid") && live_daemon_pid(&p).is_some() {
-            bail!("a cluster is already running in {} ({} is alive); run `tessera down --dir {}` first", dir.display(), p.display(), dir.display());
+            bail!(
+                "a cluster is already running in {} ({} is alive); run `tessera down --dir {}` first",
+                dir.display(),
+                p.display(),
+                dir.display()
+            );
         }
     }
     let fresh = !cfg_path.exists();
@@ -106,10 +111,15 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
         cfg
     } else {
         let cfg = ClientConfig::load(&cfg_path)?;
-        let layout = cfg.local.as_ref().ok_or_else(|| anyhow!("{} was not written by `tessera up`", cfg_path.display()))?;
+        let layout =
+            cfg.local.as_ref().ok_or_else(|| anyhow!("{} was not written by `tessera up`", cfg_path.display()))?;
         if let Some(n) = args.sds {
             if n != layout.sds_count {
-                bail!("{} already holds a cluster with {} SDS(s); remove the directory to start anew", dir.display(), layout.sds_count);
+                bail!(
+                    "{} already holds a cluster with {} SDS(s); remove the directory to start anew",
+                    dir.display(),
+                    layout.sds_count
+                );
             }
         }
         cfg
@@ -118,7 +128,20 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
     let cfg_arg = cfg_path.clone();
     let mut pids = vec![(
         "mdm-1".to_string(),
-        spawn_daemon(&dir, "mdm-1", &cfg_arg, &["mdm".into(), "--dir".into(), dir.join("mdm-1").display().to_string(), "--id".into(), "1".into(), "--listen".into(), cfg.mdm[0].clone()])?,
+        spawn_daemon(
+            &dir,
+            "mdm-1",
+            &cfg_arg,
+            &[
+                "mdm".into(),
+                "--dir".into(),
+                dir.join("mdm-1").display().to_string(),
+                "--id".into(),
+                "1".into(),
+                "--listen".into(),
+                cfg.mdm[0].clone(),
+            ],
+        )?,
     )];
     let control = ControlClient::new(cfg.mdm.clone(), cfg.secret()?);
     wait_for(&dir, &pids, "the MDM to answer", || async { control.status().await.is_ok() }).await?;
@@ -128,12 +151,20 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
     for n in 1..=layout.sds_count {
         let id = format!("sds-{n}");
         let listen = format!("{}:{}", layout.ip, sds_port(&layout, n));
-        pids.push((id.clone(), spawn_daemon(&dir, &id, &cfg_arg, &["sds".into(), "--name".into(), id.clone(), "--listen".into(), listen])?));
+        pids.push((
+            id.clone(),
+            spawn_daemon(&dir, &id, &cfg_arg, &["sds".into(), "--name".into(), id.clone(), "--listen".into(), listen])?,
+        ));
     }
     let socket = dir.join(format!("{LOCAL_SDC}.sock"));
     pids.push((
         LOCAL_SDC.to_string(),
-        spawn_daemon(&dir, LOCAL_SDC, &cfg_arg, &["sdc".into(), "--name".into(), LOCAL_SDC.into(), "--socket".into(), socket.display().to_string()])?,
+        spawn_daemon(
+            &dir,
+            LOCAL_SDC,
+            &cfg_arg,
+            &["sdc".into(), "--name".into(), LOCAL_SDC.into(), "--socket".into(), socket.display().to_string()],
+        )?,
     ));
     let expect_sds = layout.sds_count as usize;
     wait_for(&dir, &pids, "SDSs, devices and the SDC to be ready", || async {
@@ -164,13 +195,27 @@ async fn create_layout(control: &ControlClient, dir: &Path, layout: &LocalLayout
     for n in 1..=layout.sds_count {
         let name = format!("sds-{n}");
         let address = format!("{}:{}", layout.ip, sds_port(layout, n));
-        control.execute(Command::AddSds { name: name.clone(), pd: LOCAL_PD.into(), fault_set: None, data_address: address }).await?;
+        control
+            .execute(Command::AddSds {
+                name: name.clone(),
+                pd: LOCAL_PD.into(),
+                fault_set: None,
+                data_address: address,
+            })
+            .await?;
         let sds_dir = dir.join(&name);
         std::fs::create_dir_all(&sds_dir)?;
         let device = sds_dir.join("disk0.img");
         // Sparse: the file takes space only where extents are written.
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&device)?.set_len(layout.device_size_bytes)?;
-        control.execute(Command::AddDevice { sds: name, pool: LOCAL_POOL.into(), path: device.display().to_string() }).await?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&device)?
+            .set_len(layout.device_size_bytes)?;
+        control
+            .execute(Command::AddDevice { sds: name, pool: LOCAL_POOL.into(), path: device.display().to_string() })
+            .await?;
     }
     eprintln!(
         "created protection domain {LOCAL_PD}, pool {LOCAL_POOL}, {} SDS(s) with a {} file-backed device each",
@@ -189,7 +234,11 @@ where
     loop {
         for (role, pid) in pids {
             if !pid_alive(*pid) {
-                bail!("{role} exited during start-up; last lines of {}:\n{}", dir.join(format!("{role}.log")).display(), log_tail(dir, role));
+                bail!(
+                    "{role} exited during start-up; last lines of {}:\n{}",
+                    dir.join(format!("{role}.log")).display(),
+                    log_tail(dir, role)
+                );
             }
         }
         if ready().await {

@@ -17,7 +17,8 @@ use config::ClientConfig;
 
 fn init_logging(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
@@ -50,19 +51,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 DaemonCmd::Mdm { dir, id, listen } => {
                     tessera_mdm::run_mdm(tessera_mdm::MdmConfig::new(id, dir, listen, secret)).await
                 }
-                DaemonCmd::Sds { name, listen } => {
+                DaemonCmd::Sds { name, listen, rebuild_mib_per_sec } => {
                     tessera_sds::run_sds(tessera_sds::SdsConfig {
                         name,
                         listen,
                         mdm_addresses: cfg.mdm.clone(),
                         secret,
                         cluster_id: cfg.cluster_id()?,
+                        rebuild_bytes_per_sec: rebuild_mib_per_sec.max(1) << 20,
                     })
                     .await
                 }
                 DaemonCmd::Sdc { name, socket, nbd_tcp } => {
-                    tessera_sdc::run_sdc(tessera_sdc::SdcConfig { name, mdm_addresses: cfg.mdm.clone(), secret, nbd_socket: socket, nbd_tcp })
-                        .await
+                    tessera_sdc::run_sdc(tessera_sdc::SdcConfig {
+                        name,
+                        mdm_addresses: cfg.mdm.clone(),
+                        secret,
+                        nbd_socket: socket,
+                        nbd_tcp,
+                    })
+                    .await
                 }
             }
         }
