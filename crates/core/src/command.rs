@@ -103,10 +103,13 @@ pub enum Command {
     /// The failure detector found the SDS's lease expired: re-peer its PGs.
     DeclareSdsDown {
         sds_id: u64,
+        /// Other SDSs without a lease at the time: no copy on them is promoted.
+        unresponsive: Vec<u64>,
     },
     /// A declared-dead SDS holds a lease again: it may take new copies.
     DeclareSdsUp {
         sds_id: u64,
+        unresponsive: Vec<u64>,
     },
     /// The device returned IO errors: re-peer its PGs.
     FailDevice {
@@ -479,8 +482,8 @@ impl ClusterState {
                 }
                 Ok(Applied { id: v.id })
             }
-            Command::DeclareSdsDown { sds_id } => self.declare_sds_down(*sds_id),
-            Command::DeclareSdsUp { sds_id } => self.declare_sds_up(*sds_id),
+            Command::DeclareSdsDown { sds_id, unresponsive } => self.declare_sds_down(*sds_id, unresponsive),
+            Command::DeclareSdsUp { sds_id, unresponsive } => self.declare_sds_up(*sds_id, unresponsive),
             Command::FailDevice { device_id } => self.fail_device(*device_id),
             Command::RemoveReplica { pool_id, pg_id, epoch, sds_id } => {
                 self.remove_replica(*pool_id, *pg_id, *epoch, *sds_id)

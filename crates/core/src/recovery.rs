@@ -51,16 +51,37 @@ impl ClusterState {
 
     /// Drops the copies `lost` selects from one PG, promotes an in-sync survivor if the
     /// primary went, and adds a syncing replacement. Returns whether the PG changed.
-    fn drop_replicas(&mut self, pool_id: u64, pg_id: u32, lost: &dyn Fn(&Replica) -> bool) -> bool {
+    ///
+    /// A survivor must be complete and on an SDS believed alive: in service (`Normal`) and
+    /// not in `unresponsive` (SDSs the leader saw expire but has not declared yet). If no
+    /// such survivor exists the lost copies are all kept — when two copies die together,
+    /// whichever returns first brings the data back, and no copy that might have missed
+    /// writes is ever promoted.
+    fn drop_replicas(
+        &mut self,
+        pool_id: u64,
+        pg_id: u32,
+        lost: &dyn Fn(&Replica) -> bool,
+        unresponsive: &[u64],
+    ) -> bool {
         let Some(pg) = self.pools.get(&pool_id).and_then(|p| p.pgs.get(pg_id as usize)) else { return false };
         if !pg.replicas.iter().any(lost) {
             return false;
         }
-        let survivors_in_sync: Vec<Replica> = pg.in_sync().filter(|r| !lost(r)).copied().collect();
+        let believed_alive = |r: &Replica| {
+            !unresponsive.contains(&r.sds_id) && self.sdss.get(&r.sds_id).is_some_and(|s| s.state == SdsState::Normal)
+        };
+        let survivors_in_sync: Vec<Replica> = pg.in_sync().filter(|r| !lost(r) && believed_alive(r)).copied().collect();
         if survivors_in_sync.is_empty() {
-            // The lost copy is the last complete one: keep it, so the data comes back with it.
+            // The lost copy may be the last complete one: keep it, so the data comes back with it.
             return false;
         }
+        // Complete copies on SDSs not believed alive stay members (after the live ones) until
+        // their own SDS is declared down; they were complete when last seen.
+        let survivors_in_sync: Vec<Replica> = survivors_in_sync
+            .into_iter()
+            .chain(pg.in_sync().filter(|r| !lost(r) && !believed_alive(r)).copied())
+            .collect();
         let survivors_syncing: Vec<Replica> =
             pg.replicas.iter().filter(|r| !lost(r) && pg.syncing.contains(&r.sds_id)).copied().collect();
         let mut replicas: Vec<Replica> = survivors_in_sync.into_iter().chain(survivors_syncing).collect();
@@ -83,24 +104,33 @@ impl ClusterState {
         true
     }
 
-    fn drop_everywhere(&mut self, lost: &dyn Fn(&Replica) -> bool) -> u64 {
+    fn drop_everywhere(&mut self, lost: &dyn Fn(&Replica) -> bool, unresponsive: &[u64]) -> u64 {
         let pgs: Vec<(u64, u32)> =
             self.pools.values().flat_map(|p| p.pgs.iter().map(move |pg| (p.id, pg.id))).collect();
-        pgs.into_iter().filter(|&(pool, pg)| self.drop_replicas(pool, pg, lost)).count() as u64
+        pgs.into_iter().filter(|&(pool, pg)| self.drop_replicas(pool, pg, lost, unresponsive)).count() as u64
     }
 
-    pub(crate) fn declare_sds_down(&mut self, sds_id: u64) -> CommandOutcome {
+    /// Drops copies on declared-dead SDSs and failed devices wherever a live complete copy
+    /// now exists (after an SDS returned, say), then tops up short PGs.
+    fn repair_all(&mut self, unresponsive: &[u64]) {
+        let down: Vec<u64> = self.sdss.values().filter(|s| s.state == SdsState::Down).map(|s| s.id).collect();
+        let failed: Vec<u64> = self.devices.values().filter(|d| d.state == DeviceState::Failed).map(|d| d.id).collect();
+        self.drop_everywhere(&|r| down.contains(&r.sds_id) || failed.contains(&r.device_id), unresponsive);
+        self.top_up_short_pgs();
+    }
+
+    pub(crate) fn declare_sds_down(&mut self, sds_id: u64, unresponsive: &[u64]) -> CommandOutcome {
         let sds = self.sdss.get_mut(&sds_id).ok_or_else(|| CoreError::not_found("SDS", &sds_id.to_string()))?;
         sds.state = SdsState::Down;
-        self.drop_everywhere(&|r| r.sds_id == sds_id);
+        self.repair_all(unresponsive);
         Ok(Applied { id: sds_id })
     }
 
-    pub(crate) fn declare_sds_up(&mut self, sds_id: u64) -> CommandOutcome {
+    pub(crate) fn declare_sds_up(&mut self, sds_id: u64, unresponsive: &[u64]) -> CommandOutcome {
         let sds = self.sdss.get_mut(&sds_id).ok_or_else(|| CoreError::not_found("SDS", &sds_id.to_string()))?;
         sds.state = SdsState::Normal;
-        // PGs left short of copies (no replacement was available) can now take one here.
-        self.top_up_short_pgs();
+        // Its complete copies may let PGs drop dead ones; short PGs may take a copy here.
+        self.repair_all(unresponsive);
         Ok(Applied { id: sds_id })
     }
 
@@ -108,7 +138,7 @@ impl ClusterState {
         let d =
             self.devices.get_mut(&device_id).ok_or_else(|| CoreError::not_found("device", &device_id.to_string()))?;
         d.state = DeviceState::Failed;
-        self.drop_everywhere(&|r| r.device_id == device_id);
+        self.repair_all(&[]);
         Ok(Applied { id: device_id })
     }
 
@@ -124,7 +154,7 @@ impl ClusterState {
         if pg.primary().is_some_and(|p| p.sds_id == sds_id) {
             return Err(CoreError::Invalid("the primary cannot be removed by this request".into()));
         }
-        if !self.drop_replicas(pool_id, pg_id, &|r| r.sds_id == sds_id) {
+        if !self.drop_replicas(pool_id, pg_id, &|r| r.sds_id == sds_id, &[]) {
             return Err(CoreError::Invalid(format!("SDS {sds_id} is not a removable copy of PG {pool_id}/{pg_id}")));
         }
         Ok(Applied { id: sds_id })
@@ -173,13 +203,21 @@ impl ClusterState {
 
 /// What the MDM leader's failure detector should commit, given each SDS's lease status.
 /// Pure: liveness is an input. An SDS is declared down only once its lease has expired, so
-/// it has stopped serving before anyone replaces its copies.
+/// it has stopped serving before anyone replaces its copies. Each command names the other
+/// SDSs without a lease, so no copy on one of them is promoted.
 pub fn liveness_commands(state: &ClusterState, lease: impl Fn(u64) -> LeaseStatus) -> Vec<crate::Command> {
+    let unresponsive: Vec<u64> =
+        state.sdss.values().filter(|s| lease(s.id) != LeaseStatus::Held).map(|s| s.id).collect();
     let mut out = Vec::new();
     for sds in state.sdss.values() {
+        let others = || unresponsive.iter().copied().filter(|&x| x != sds.id).collect::<Vec<u64>>();
         match (sds.state, lease(sds.id)) {
-            (SdsState::Normal, LeaseStatus::Expired) => out.push(crate::Command::DeclareSdsDown { sds_id: sds.id }),
-            (SdsState::Down, LeaseStatus::Held) => out.push(crate::Command::DeclareSdsUp { sds_id: sds.id }),
+            (SdsState::Normal, LeaseStatus::Expired) => {
+                out.push(crate::Command::DeclareSdsDown { sds_id: sds.id, unresponsive: others() })
+            }
+            (SdsState::Down, LeaseStatus::Held) => {
+                out.push(crate::Command::DeclareSdsUp { sds_id: sds.id, unresponsive: others() })
+            }
             _ => {}
         }
     }
@@ -258,7 +296,7 @@ mod tests {
         let mut s = cluster(4, false);
         let dead = sds_id(&s, "s0");
         let before = s.pool_by_name("p").unwrap().pgs.clone();
-        s.apply(&Command::DeclareSdsDown { sds_id: dead }).unwrap();
+        s.apply(&Command::DeclareSdsDown { sds_id: dead, unresponsive: vec![] }).unwrap();
         check_invariants(&s);
         let after = &s.pool_by_name("p").unwrap().pgs;
         for (b, a) in before.iter().zip(after) {
@@ -279,7 +317,7 @@ mod tests {
     fn rebuild_is_spread_over_many_sdss() {
         let mut s = cluster(8, false);
         let dead = sds_id(&s, "s3");
-        s.apply(&Command::DeclareSdsDown { sds_id: dead }).unwrap();
+        s.apply(&Command::DeclareSdsDown { sds_id: dead, unresponsive: vec![] }).unwrap();
         let pool = s.pool_by_name("p").unwrap();
         let sources: std::collections::BTreeSet<u64> =
             pool.pgs.iter().filter(|pg| !pg.syncing.is_empty()).map(|pg| pg.replicas[0].sds_id).collect();
@@ -293,9 +331,9 @@ mod tests {
     fn last_complete_copy_is_never_dropped() {
         let mut s = cluster(3, false);
         let (a, b) = (sds_id(&s, "s0"), sds_id(&s, "s1"));
-        s.apply(&Command::DeclareSdsDown { sds_id: a }).unwrap();
+        s.apply(&Command::DeclareSdsDown { sds_id: a, unresponsive: vec![] }).unwrap();
         // Now some PGs are [survivor, syncing]. Losing the survivor must keep it.
-        s.apply(&Command::DeclareSdsDown { sds_id: b }).unwrap();
+        s.apply(&Command::DeclareSdsDown { sds_id: b, unresponsive: vec![] }).unwrap();
         check_invariants(&s);
         let pool = s.pool_by_name("p").unwrap();
         assert!(pool.pgs.iter().any(|pg| pg.in_sync().all(|r| r.sds_id == b || r.sds_id == a)));
@@ -308,9 +346,9 @@ mod tests {
     #[test]
     fn fault_sets_respected_on_replacement() {
         let mut s = cluster(6, true);
-        s.apply(&Command::DeclareSdsDown { sds_id: sds_id(&s, "s1") }).unwrap();
+        s.apply(&Command::DeclareSdsDown { sds_id: sds_id(&s, "s1"), unresponsive: vec![] }).unwrap();
         check_invariants(&s);
-        s.apply(&Command::DeclareSdsDown { sds_id: sds_id(&s, "s2") }).unwrap();
+        s.apply(&Command::DeclareSdsDown { sds_id: sds_id(&s, "s2"), unresponsive: vec![] }).unwrap();
         check_invariants(&s);
     }
 
@@ -343,13 +381,52 @@ mod tests {
     fn returning_sds_refills_short_pgs() {
         let mut s = cluster(2, false);
         let a = sds_id(&s, "s0");
-        s.apply(&Command::DeclareSdsDown { sds_id: a }).unwrap();
+        s.apply(&Command::DeclareSdsDown { sds_id: a, unresponsive: vec![] }).unwrap();
         // Only one SDS left: PGs keep one copy (nothing to replace with).
         let pool_id = s.pool_by_name("p").unwrap().id;
         assert!(s.pools[&pool_id].pgs.iter().all(|pg| pg.replicas.len() == 1));
-        s.apply(&Command::DeclareSdsUp { sds_id: a }).unwrap();
+        s.apply(&Command::DeclareSdsUp { sds_id: a, unresponsive: vec![] }).unwrap();
         check_invariants(&s);
         assert!(s.pools[&pool_id].pgs.iter().all(|pg| pg.replicas.len() == 2 && pg.syncing.contains(&a)));
+    }
+
+    #[test]
+    fn two_copies_lost_together_are_both_kept_and_either_brings_data_back() {
+        for returning_first in [0, 1] {
+            let mut s = cluster(4, false);
+            let pool_id = s.pool_by_name("p").unwrap().id;
+            let pg = s.pools[&pool_id].pgs[0].clone();
+            let (a, b) = (pg.replicas[0].sds_id, pg.replicas[1].sds_id);
+            // Both expire before either is declared: each declaration names the other.
+            s.apply(&Command::DeclareSdsDown { sds_id: a, unresponsive: vec![b] }).unwrap();
+            s.apply(&Command::DeclareSdsDown { sds_id: b, unresponsive: vec![] }).unwrap();
+            check_invariants(&s);
+            let now = &s.pools[&pool_id].pgs[0];
+            assert_eq!(now.in_sync().map(|r| r.sds_id).collect::<Vec<_>>(), vec![a, b], "both complete copies kept");
+            let back = [a, b][returning_first];
+            let other = [a, b][1 - returning_first];
+            s.apply(&Command::DeclareSdsUp { sds_id: back, unresponsive: vec![] }).unwrap();
+            check_invariants(&s);
+            let now = &s.pools[&pool_id].pgs[0];
+            assert_eq!(now.replicas[0].sds_id, back, "the returned copy serves");
+            assert!(now.replicas.iter().all(|r| r.sds_id != other), "the still-dead copy is dropped");
+            assert_eq!(now.replicas.len(), 2, "and replaced");
+        }
+    }
+
+    #[test]
+    fn a_copy_dropped_while_its_partner_lived_never_comes_back() {
+        let mut s = cluster(4, false);
+        let pool_id = s.pool_by_name("p").unwrap().id;
+        let pg = s.pools[&pool_id].pgs[0].clone();
+        let (a, b) = (pg.replicas[0].sds_id, pg.replicas[1].sds_id);
+        s.apply(&Command::DeclareSdsDown { sds_id: a, unresponsive: vec![] }).unwrap();
+        // b served alone (and may have acked writes a lacks); then b dies too.
+        s.apply(&Command::DeclareSdsDown { sds_id: b, unresponsive: vec![] }).unwrap();
+        s.apply(&Command::DeclareSdsUp { sds_id: a, unresponsive: vec![b] }).unwrap();
+        check_invariants(&s);
+        let now = &s.pools[&pool_id].pgs[0];
+        assert_eq!(now.in_sync().map(|r| r.sds_id).collect::<Vec<_>>(), vec![b], "only b is complete");
     }
 
     #[test]
@@ -360,10 +437,13 @@ mod tests {
             |dead: u64, status: LeaseStatus| move |id: u64| if id == dead { status } else { LeaseStatus::Held };
         assert!(liveness_commands(&s, lease_of(a, LeaseStatus::Unknown)).is_empty(), "unknown is not dead");
         let cmds = liveness_commands(&s, lease_of(a, LeaseStatus::Expired));
-        assert_eq!(cmds, vec![Command::DeclareSdsDown { sds_id: a }]);
+        assert_eq!(cmds, vec![Command::DeclareSdsDown { sds_id: a, unresponsive: vec![] }]);
         s.apply(&cmds[0]).unwrap();
         assert!(liveness_commands(&s, lease_of(a, LeaseStatus::Expired)).is_empty());
         assert!(liveness_commands(&s, lease_of(a, LeaseStatus::Unknown)).is_empty());
-        assert_eq!(liveness_commands(&s, |_| LeaseStatus::Held), vec![Command::DeclareSdsUp { sds_id: a }]);
+        assert_eq!(
+            liveness_commands(&s, |_| LeaseStatus::Held),
+            vec![Command::DeclareSdsUp { sds_id: a, unresponsive: vec![] }]
+        );
     }
 }

@@ -56,6 +56,9 @@ struct Shared {
     pending: Arc<Pending>,
     closed: Arc<AtomicBool>,
     next_request_id: AtomicU64,
+    /// Callers queued for or holding the writer. The last one out flushes, so requests
+    /// issued together leave in one write instead of one syscall each.
+    writers_waiting: std::sync::atomic::AtomicUsize,
     inflight: Semaphore,
     reader_task: tokio::task::JoinHandle<()>,
 }
@@ -93,6 +96,7 @@ impl RpcClient {
                 pending,
                 closed,
                 next_request_id: AtomicU64::new(1),
+                writers_waiting: Default::default(),
                 inflight: Semaphore::new(MAX_INFLIGHT_PER_CONNECTION),
                 reader_task,
             }),
@@ -123,12 +127,19 @@ impl RpcClient {
         s.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(request_id, tx);
         let header = FrameHeader { kind, request_id, payload_len: payload_len as u32, status: 0 };
         let send = async {
+            let mut turn = WriterTurn::enter(&self.shared);
             let mut w = s.writer.lock().await;
-            w.write_all(&header.encode()).await?;
+            let mut result = w.write_all(&header.encode()).await;
             for p in parts {
-                w.write_all(p).await?;
+                if result.is_ok() {
+                    result = w.write_all(p).await;
+                }
             }
-            w.flush().await
+            // Flush unless another caller is queued behind us: it will flush for both.
+            if turn.leave() && result.is_ok() {
+                result = w.flush().await;
+            }
+            result
         };
         let outcome = tokio::time::timeout(timeout, async {
             if send.await.is_err() {
@@ -144,6 +155,38 @@ impl RpcClient {
                 s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request_id);
                 Err(RpcError::Timeout(s.addr.clone()))
             }
+        }
+    }
+}
+
+/// A caller's place in the writer queue. Leaving reports whether it was the last one (and
+/// so must flush). A caller cancelled while queued (its call timed out) still leaves on
+/// drop, and if it was the last, flushes in the background, so bytes an earlier caller left
+/// in the buffer for it are never stranded.
+struct WriterTurn {
+    shared: Arc<Shared>,
+    left: bool,
+}
+
+impl WriterTurn {
+    fn enter(shared: &Arc<Shared>) -> WriterTurn {
+        shared.writers_waiting.fetch_add(1, Ordering::AcqRel);
+        WriterTurn { shared: shared.clone(), left: false }
+    }
+
+    fn leave(&mut self) -> bool {
+        self.left = true;
+        self.shared.writers_waiting.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}
+
+impl Drop for WriterTurn {
+    fn drop(&mut self) {
+        if !self.left && self.leave() {
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let _ = shared.writer.lock().await.flush().await;
+            });
         }
     }
 }
