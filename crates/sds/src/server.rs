@@ -139,7 +139,7 @@ impl SdsState {
     /// Handles one request; returns (status, response payload).
     pub async fn handle(self: &Arc<Self>, header: &FrameHeader, payload: Vec<u8>) -> (u32, Vec<u8>) {
         match header.kind {
-            kind::READ => self.read(&payload).await,
+            kind::READ => self.read(&payload),
             kind::WRITE | kind::WRITE_ZEROES | kind::TRIM => self.write(header.kind, payload).await,
             kind::FLUSH => self.flush(&payload).await,
             kind::LIST_EXTENTS => self.list_extents(&payload),
@@ -161,7 +161,11 @@ impl SdsState {
         verdict
     }
 
-    async fn read(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
+    /// Serves a read. Synchronous on purpose: it is one pread that the page cache usually
+    /// serves in microseconds, so the connection's reader runs it inline — no task, no
+    /// hand-off to a blocking thread, which would each cost more than the read. (On slow
+    /// disks a dedicated IO pool would be the better trade.)
+    pub fn read(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
         let Some(h) = IoHeader::decode(payload) else { return (status::INVALID, Vec::new()) };
         let local = match self.check(&h, false) {
             Ok(Role::Primary { local, .. }) | Ok(Role::Local { local }) => local,
@@ -169,25 +173,19 @@ impl SdsState {
         };
         let Some(dev) = self.device(local.device_id) else { return (status::IO_ERROR, Vec::new()) };
         let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
-        // Reads run inline on the async worker: a read is one pread that the page cache
-        // usually serves in microseconds, and a hand-off to a blocking thread would cost
-        // more than the read. (On slow disks a dedicated IO pool would be the better trade.)
         let mut buf = vec![0u8; h.length as usize];
-        let result: Result<Result<Vec<u8>, DeviceError>, ()> =
-            Ok(dev.read(key, h.offset_in_extent, &mut buf).map(|_| buf));
-        match result {
+        match dev.read(key, h.offset_in_extent, &mut buf) {
             // The lease may have lapsed while the read ran (a paused process, say): data read
             // then may already be stale, so it is not returned.
-            Ok(Ok(_)) if !self.lease_held() => (status::NOT_READY, Vec::new()),
-            Ok(Ok(buf)) => (status::OK, buf),
-            Ok(Err(e)) => {
+            Ok(()) if !self.lease_held() => (status::NOT_READY, Vec::new()),
+            Ok(()) => (status::OK, buf),
+            Err(e) => {
                 tracing::warn!("read failed: {e}");
                 if device_status(&e) == status::IO_ERROR {
                     self.report_device_failure(local.device_id);
                 }
                 (device_status(&e), Vec::new())
             }
-            Err(_) => (status::IO_ERROR, Vec::new()),
         }
     }
 
@@ -457,6 +455,13 @@ pub async fn serve_connection(sds: Arc<SdsState>, mut stream: TcpStream) {
                 return;
             }
         };
+        if header.kind == kind::READ {
+            let (status, body) = sds.read(&payload);
+            if replies.send(OutFrame::reply(&header, status, body)).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let sds = sds.clone();
         let replies = replies.clone();
