@@ -130,6 +130,24 @@ pub enum Command {
         epoch: u64,
         sds_id: u64,
     },
+    /// Move one copy of a PG (rebalance or drain): `to` joins as a syncing copy and `from`
+    /// leaves once it is complete. Applies only at `epoch`.
+    MovePg {
+        pool_id: u64,
+        pg_id: u32,
+        epoch: u64,
+        from_sds_id: u64,
+        to: Replica,
+    },
+    /// Empty an SDS before removal: its copies move to other SDSs.
+    DrainSds {
+        name: String,
+    },
+    /// Empty one device before removal.
+    DrainDevice {
+        sds: String,
+        path: String,
+    },
 }
 
 /// What a successful command did: the id of the object it created or touched.
@@ -289,10 +307,23 @@ impl ClusterState {
             }
             Command::RemoveSds { name } => {
                 let id = lookup(self.sds_by_name(name), "SDS", name)?.id;
-                if self.devices_of_sds(id).next().is_some() {
-                    return Err(CoreError::in_use("SDS", name, "remove its devices first"));
+                let holds_data = self.pools.values().any(|p| {
+                    self.volumes_of_pool(p.id).next().is_some()
+                        && p.pgs.iter().any(|pg| pg.replicas.iter().any(|r| r.sds_id == id))
+                });
+                if holds_data {
+                    return Err(CoreError::in_use("SDS", name, "it holds data; drain it first (sds drain)"));
+                }
+                // Its devices go with it: they hold no copies.
+                let devices: Vec<u64> = self.devices_of_sds(id).map(|d| d.id).collect();
+                let pools: BTreeSet<u64> = self.devices_of_sds(id).map(|d| d.pool_id).collect();
+                for d in devices {
+                    self.devices.remove(&d);
                 }
                 self.sdss.remove(&id);
+                for p in pools {
+                    self.place_pool_if_empty(p);
+                }
                 Ok(Applied { id })
             }
             Command::AddDevice { sds, pool, path } => {
@@ -352,7 +383,7 @@ impl ClusterState {
                     .get(&d.pool_id)
                     .is_some_and(|p| p.pgs.iter().any(|pg| pg.replicas.iter().any(|r| r.device_id == d.id)));
                 if holds_pgs && self.volumes_of_pool(d.pool_id).next().is_some() {
-                    return Err(CoreError::in_use("device", path, "it holds data; drain it first"));
+                    return Err(CoreError::in_use("device", path, "it holds data; drain it first (device drain)"));
                 }
                 self.devices.remove(&d.id);
                 self.place_pool_if_empty(d.pool_id);
@@ -491,6 +522,32 @@ impl ClusterState {
             Command::SyncComplete { pool_id, pg_id, epoch, sds_id } => {
                 self.sync_complete(*pool_id, *pg_id, *epoch, *sds_id)
             }
+            Command::MovePg { pool_id, pg_id, epoch, from_sds_id, to } => {
+                self.move_pg(*pool_id, *pg_id, *epoch, *from_sds_id, *to)
+            }
+            Command::DrainSds { name } => {
+                let id = lookup(self.sds_by_name(name), "SDS", name)?.id;
+                if let Some(s) = self.sdss.get_mut(&id) {
+                    if s.state == SdsState::Down {
+                        return Err(CoreError::Invalid(format!(
+                            "SDS {name} is down; its copies are already being replaced"
+                        )));
+                    }
+                    s.state = SdsState::Draining;
+                }
+                Ok(Applied { id })
+            }
+            Command::DrainDevice { sds, path } => {
+                let s = lookup(self.sds_by_name(sds), "SDS", sds)?.clone();
+                let d = lookup(self.devices_of_sds(s.id).find(|d| &d.path == path), "device", path)?.clone();
+                if d.state != DeviceState::Normal {
+                    return Err(CoreError::Invalid(format!("device {path} is {:?}, not in service", d.state)));
+                }
+                if let Some(d) = self.devices.get_mut(&d.id) {
+                    d.state = DeviceState::Draining;
+                }
+                Ok(Applied { id: d.id })
+            }
         }
     }
 
@@ -542,6 +599,7 @@ impl ClusterState {
                         epoch: previous_epoch + 1,
                         replicas: pair.to_vec(),
                         syncing: Default::default(),
+                        leaving: None,
                     }
                 })
                 .collect(),

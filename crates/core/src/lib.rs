@@ -9,6 +9,7 @@ pub mod lease;
 pub mod model;
 pub mod names;
 pub mod placement;
+pub mod rebalance;
 pub mod recovery;
 pub mod units;
 

@@ -71,6 +71,9 @@ pub struct PlacementGroup {
     /// (`replicas[0]`) is never syncing.
     #[serde(default)]
     pub syncing: BTreeSet<u64>,
+    /// A copy being moved away (rebalance or drain): it leaves once the new copy is complete.
+    #[serde(default)]
+    pub leaving: Option<u64>,
 }
 
 impl PlacementGroup {
@@ -110,6 +113,8 @@ pub enum SdsState {
     Normal,
     /// Declared dead: removed from every PG where another complete copy exists.
     Down,
+    /// Being emptied before removal: its copies move elsewhere, it takes no new ones.
+    Draining,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +125,8 @@ pub enum DeviceState {
     Normal,
     /// Returned IO errors: removed from every PG where another complete copy exists.
     Failed,
+    /// Being emptied before removal: its copies move elsewhere, it takes no new ones.
+    Draining,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,11 +200,25 @@ impl ClusterState {
     }
 
     /// Bytes a pool may promise to thick volumes: half the raw capacity (two copies) less
-    /// the spare share kept for rebuild.
+    /// the spare kept for rebuild. The spare is the pool's spare percentage, but never less
+    /// than the largest failure unit — the biggest SDS, or the biggest fault set when the
+    /// domain has them — so that losing it can always be re-mirrored.
     pub fn pool_usable_capacity_bytes(&self, pool: &StoragePool) -> u64 {
         let raw = self.pool_raw_capacity_bytes(pool.id);
-        let after_spare = raw / 100 * u64::from(100 - pool.spare_percent.min(100));
-        after_spare / REPLICA_COUNT as u64
+        let spare = (raw / 100 * u64::from(pool.spare_percent.min(100))).max(self.largest_failure_unit_bytes(pool));
+        raw.saturating_sub(spare) / REPLICA_COUNT as u64
+    }
+
+    /// Raw capacity in this pool of its biggest SDS, or biggest fault set if the domain uses them.
+    pub fn largest_failure_unit_bytes(&self, pool: &StoragePool) -> u64 {
+        let use_fault_sets = self.fault_sets.values().any(|f| f.pd_id == pool.pd_id);
+        let mut per_unit: BTreeMap<u64, u64> = BTreeMap::new();
+        for d in self.devices_of_pool(pool.id).filter(|d| d.state == DeviceState::Normal) {
+            let Some(sds) = self.sdss.get(&d.sds_id) else { continue };
+            let unit = if use_fault_sets { sds.fault_set_id.unwrap_or(sds.id) } else { sds.id };
+            *per_unit.entry(unit).or_default() += d.capacity_bytes;
+        }
+        per_unit.values().copied().max().unwrap_or(0)
     }
 
     /// Bytes promised to thick volumes in a pool.

@@ -35,6 +35,7 @@ impl ClusterState {
             }
         }
         self.devices_of_pool(pool_id)
+            // Draining SDSs and devices are in service but take no new copies.
             .filter(|d| d.state == DeviceState::Normal && d.capacity_bytes > 0)
             .filter(|d| self.sdss.get(&d.sds_id).is_some_and(|s| s.state == SdsState::Normal))
             .filter(|d| current.iter().all(|r| r.sds_id != d.sds_id))
@@ -69,7 +70,8 @@ impl ClusterState {
             return false;
         }
         let believed_alive = |r: &Replica| {
-            !unresponsive.contains(&r.sds_id) && self.sdss.get(&r.sds_id).is_some_and(|s| s.state == SdsState::Normal)
+            !unresponsive.contains(&r.sds_id)
+                && self.sdss.get(&r.sds_id).is_some_and(|s| matches!(s.state, SdsState::Normal | SdsState::Draining))
         };
         let survivors_in_sync: Vec<Replica> = pg.in_sync().filter(|r| !lost(r) && believed_alive(r)).copied().collect();
         if survivors_in_sync.is_empty() {
@@ -98,6 +100,9 @@ impl ClusterState {
         }
         let Some(pg) = self.pools.get_mut(&pool_id).and_then(|p| p.pgs.get_mut(pg_id as usize)) else { return false };
         assert!(!syncing.contains(&replicas[0].sds_id), "a syncing copy must never be primary");
+        if pg.leaving.is_some_and(|l| !replicas.iter().any(|r| r.sds_id == l)) {
+            pg.leaving = None;
+        }
         pg.replicas = replicas;
         pg.syncing = syncing;
         pg.epoch += 1;
@@ -171,6 +176,7 @@ impl ClusterState {
                 "PG {pool_id}/{pg_id} has no syncing copy on SDS {sds_id} at epoch {epoch}"
             )));
         }
+        self.finish_move(pool_id, pg_id);
         Ok(Applied { id: sds_id })
     }
 
@@ -212,7 +218,7 @@ pub fn liveness_commands(state: &ClusterState, lease: impl Fn(u64) -> LeaseStatu
     for sds in state.sdss.values() {
         let others = || unresponsive.iter().copied().filter(|&x| x != sds.id).collect::<Vec<u64>>();
         match (sds.state, lease(sds.id)) {
-            (SdsState::Normal, LeaseStatus::Expired) => {
+            (SdsState::Normal | SdsState::Draining, LeaseStatus::Expired) => {
                 out.push(crate::Command::DeclareSdsDown { sds_id: sds.id, unresponsive: others() })
             }
             (SdsState::Down, LeaseStatus::Held) => {

@@ -65,6 +65,9 @@ struct SoftState {
     syncing_samples: std::collections::VecDeque<(u64, u64)>,
 }
 
+/// The rebalancer runs every this many failure-detector ticks.
+const REBALANCE_EVERY_TICKS: u64 = 1;
+
 /// Window over which the rebuild rate is averaged.
 const REBUILD_RATE_WINDOW_MS: u64 = 5_000;
 /// How often the leader checks leases.
@@ -262,6 +265,24 @@ impl Mdm {
         }
     }
 
+    /// One pass of the rebalancer: start the moves drains and balance call for.
+    async fn rebalance(&self) {
+        if !self.is_leader() {
+            return;
+        }
+        let moves = {
+            let Ok(d) = self.sm.data.try_read() else { return };
+            tessera_core::rebalance::next_moves(&d.state)
+        };
+        for cmd in moves {
+            match self.raft.client_write(cmd.clone()).await {
+                Ok(r) if r.data.is_ok() => tracing::info!("rebalance: {cmd:?}"),
+                Ok(r) => tracing::debug!("rebalance move refused: {:?}", r.data),
+                Err(e) => tracing::warn!("rebalance move not committed: {e}"),
+            }
+        }
+    }
+
     /// One pass of the failure detector: commit liveness changes the leases call for.
     async fn detect_failures(&self) {
         let now = self.now_ms();
@@ -291,9 +312,14 @@ impl Mdm {
 }
 
 async fn failure_detector(mdm: Arc<Mdm>) {
+    let mut ticks: u64 = 0;
     loop {
         tokio::time::sleep(FAILURE_DETECTOR_INTERVAL).await;
         mdm.detect_failures().await;
+        ticks += 1;
+        if ticks % REBALANCE_EVERY_TICKS == 0 {
+            mdm.rebalance().await;
+        }
     }
 }
 

@@ -70,6 +70,7 @@ pub fn cluster_status(i: StatusInputs<'_>) -> ClusterStatus {
                 membership: match sds.state {
                     SdsState::Normal => "normal",
                     SdsState::Down => "removed",
+                    SdsState::Draining => "draining",
                 }
                 .to_string(),
                 devices: devices.len(),

@@ -37,11 +37,44 @@ pub struct VerifyReport {
     pub mismatches: Vec<Mismatch>,
 }
 
+/// Verification passes: extents a copy could not answer for (its PG moved between our map
+/// fetch and the request, say) are checked again against a fresh map.
+const VERIFY_PASSES: usize = 5;
+
 pub async fn verify_volume(
     control: &ControlClient,
     secret: &ClusterSecret,
     volume_name: &str,
 ) -> anyhow::Result<VerifyReport> {
+    let mut pending: Option<BTreeSet<u64>> = None;
+    let mut settled: Vec<Mismatch> = Vec::new();
+    let mut checked = 0u64;
+    for pass in 0..VERIFY_PASSES {
+        let (round_checked, round) = verify_pass(control, secret, volume_name, pending.as_ref()).await?;
+        if pass == 0 {
+            checked = round_checked;
+        }
+        let (unanswered, differing): (Vec<Mismatch>, Vec<Mismatch>) =
+            round.into_iter().partition(|m| m.copies.iter().any(|c| c.crc32c.is_none()));
+        settled.extend(differing);
+        if unanswered.is_empty() || pass + 1 == VERIFY_PASSES {
+            settled.extend(unanswered);
+            break;
+        }
+        pending = Some(unanswered.iter().map(|m| m.extent_index).collect());
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    settled.sort_by_key(|m| m.extent_index);
+    Ok(VerifyReport { volume: volume_name.to_string(), extents_checked: checked, mismatches: settled })
+}
+
+/// One pass over the volume's allocated extents (or only `only`, when given).
+async fn verify_pass(
+    control: &ControlClient,
+    secret: &ClusterSecret,
+    volume_name: &str,
+    only: Option<&BTreeSet<u64>>,
+) -> anyhow::Result<(u64, Vec<Mismatch>)> {
     let view = control.state().await?;
     let state = view.state;
     let volume =
@@ -66,6 +99,9 @@ pub async fn verify_volume(
             status::name(reply.status)
         );
         extents.extend(reply.payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))));
+    }
+    if let Some(only) = only {
+        extents.retain(|e| only.contains(e));
     }
     let conns = Arc::new(conns);
     let mut tasks = tokio::task::JoinSet::new();
@@ -121,8 +157,7 @@ pub async fn verify_volume(
         checked += 1;
         record(&mut mismatches, r?);
     }
-    mismatches.sort_by_key(|m| m.extent_index);
-    Ok(VerifyReport { volume: volume.name, extents_checked: checked, mismatches })
+    Ok((checked, mismatches))
 }
 
 fn record(mismatches: &mut Vec<Mismatch>, (extent_index, pg_id, copies, same): (u64, u32, Vec<CopyChecksum>, bool)) {

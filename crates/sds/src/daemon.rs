@@ -96,7 +96,8 @@ async fn refresh(sds: &Arc<SdsState>, sds_id: u64) -> anyhow::Result<()> {
 /// issued count: an unknown higher id is a volume newer than our map, not a removed one.
 fn collect_removed_volumes(sds: &Arc<SdsState>, map: &MapView) {
     let devices: Vec<Arc<Device>> = sds.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-    let (max_id, live) = (map.max_issued_id, map.volume_ids.clone());
+    let max_id = map.max_issued_id;
+    let live: HashSet<u64> = map.volumes.keys().copied().collect();
     tokio::task::spawn_blocking(move || {
         for dev in devices {
             let removed: HashSet<u64> = dev

@@ -34,7 +34,8 @@ pub struct MapView {
     /// Highest object id the MDM has handed out: volumes with an id at or below it that are
     /// absent from the map were removed (not merely unknown yet).
     pub max_issued_id: u64,
-    pub volume_ids: std::collections::HashSet<u64>,
+    /// volume id -> (pool id, extents in the volume).
+    pub volumes: HashMap<u64, (u64, u64)>,
 }
 
 impl MapView {
@@ -61,7 +62,14 @@ impl MapView {
             pools,
             sds_addresses: state.sdss.values().map(|s| (s.id, s.data_address.clone())).collect(),
             max_issued_id: state.next_id,
-            volume_ids: state.volumes.keys().copied().collect(),
+            volumes: state
+                .volumes
+                .values()
+                .filter_map(|v| {
+                    let extent = u64::from(state.pools.get(&v.pool_id)?.extent_size_bytes);
+                    Some((v.id, (v.pool_id, v.size_bytes.div_ceil(extent))))
+                })
+                .collect(),
         }
     }
 }
@@ -111,6 +119,15 @@ pub fn check_io(map: &MapView, h: &IoHeader, is_write: bool) -> Result<Role, u32
     if pool.pgs.is_empty() {
         return Err(status::MAP_BEHIND);
     }
+    // Only extents inside a volume of this pool exist. A volume (or growth) newer than our
+    // map is MAP_BEHIND — we refresh and the client retries; anything else is invalid.
+    match map.volumes.get(&h.volume_id) {
+        Some(&(pool_id, _)) if pool_id != h.pool_id => return Err(status::INVALID),
+        Some(&(_, extents)) if h.extent_index >= extents => return Err(status::MAP_BEHIND),
+        Some(_) => {}
+        None if h.volume_id > map.max_issued_id => return Err(status::MAP_BEHIND),
+        None => return Err(status::INVALID),
+    }
     // The PG is derived from (volume, extent); a request naming another PG is a client bug.
     if pg_of_extent(h.volume_id, h.extent_index, pool.pg_count) != h.pg_id {
         return Err(status::INVALID);
@@ -153,8 +170,9 @@ mod tests {
                 syncing: vec![],
             })
             .collect();
-        let mut m = MapView { sds_id, ..Default::default() };
+        let mut m = MapView { sds_id, max_issued_id: 20, ..Default::default() };
         m.pools.insert(5, PoolView { extent_size_bytes: 1 << 20, pg_count, pgs });
+        m.volumes.insert(9, (5, 64));
         m
     }
 
@@ -208,5 +226,21 @@ mod tests {
         let mut h = req(0, 3, 0);
         h.pool_id = 77;
         assert_eq!(check_io(&map_with(1), &h, false), Err(status::MAP_BEHIND));
+    }
+
+    #[test]
+    fn only_extents_inside_volumes_are_served() {
+        let map = map_with(1);
+        let mut h = req(64, 3, 0);
+        h.pg_id = pg_of_extent(9, 64, 8);
+        assert_eq!(check_io(&map, &h, false), Err(status::MAP_BEHIND), "past the end: maybe grown since");
+        let mut removed = req(0, 3, 0);
+        removed.volume_id = 7;
+        removed.pg_id = pg_of_extent(7, 0, 8);
+        assert_eq!(check_io(&map, &removed, false), Err(status::INVALID), "an issued id not in the map was removed");
+        let mut newer = req(0, 3, 0);
+        newer.volume_id = 21;
+        newer.pg_id = pg_of_extent(21, 0, 8);
+        assert_eq!(check_io(&map, &newer, false), Err(status::MAP_BEHIND));
     }
 }

@@ -51,7 +51,14 @@ pub struct RebuildJobs {
     pub bytes_per_sec: AtomicU64,
     /// Wakes the scheduler when a job ends, so the next one starts at once.
     job_ended: tokio::sync::Notify,
+    /// Jobs that ended recently, by when: not restarted before `RESTART_BACKOFF`, so a job
+    /// that fails at once (target still catching up with the map) cannot spin, and a
+    /// finished one is not run again while our map still shows it syncing.
+    ended_at: Mutex<HashMap<JobKey, Instant>>,
 }
+
+/// How long an ended job waits before it may run again.
+const RESTART_BACKOFF: Duration = Duration::from_millis(500);
 
 impl RebuildJobs {
     pub fn progress(&self) -> Vec<RebuildProgress> {
@@ -103,6 +110,13 @@ pub async fn scheduler(sds: Arc<SdsState>) {
                 }
                 for &target in &pg.syncing {
                     let key = (pool_id, pg_id as u32, pg.epoch, target);
+                    {
+                        let mut ended = sds.rebuilds.ended_at.lock().unwrap_or_else(|p| p.into_inner());
+                        ended.retain(|_, t| t.elapsed() < RESTART_BACKOFF);
+                        if ended.contains_key(&key) {
+                            continue;
+                        }
+                    }
                     let progress = {
                         let mut running = sds.rebuilds.running.lock().unwrap_or_else(|p| p.into_inner());
                         let on_device = running.values().filter(|(d, _)| *d == primary.device_id).count();
@@ -131,6 +145,7 @@ pub async fn scheduler(sds: Arc<SdsState>) {
                             }
                         }
                         sds.rebuilds.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        sds.rebuilds.ended_at.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Instant::now());
                         sds.rebuilds.job_ended.notify_one();
                     });
                 }

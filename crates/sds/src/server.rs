@@ -396,10 +396,15 @@ impl SdsState {
         }
         let map = self.map();
         let Some(pg) = map.pools.get(&h.pool_id).and_then(|p| p.pgs.get(h.pg_id as usize)) else {
+            self.refresh.notify_one();
             return (status::MAP_BEHIND, Vec::new());
         };
-        if h.pg_epoch != pg.epoch {
-            return (if h.pg_epoch < pg.epoch { status::STALE_EPOCH } else { status::MAP_BEHIND }, Vec::new());
+        if h.pg_epoch < pg.epoch {
+            return (status::STALE_EPOCH, Vec::new());
+        }
+        if h.pg_epoch > pg.epoch {
+            self.refresh.notify_one();
+            return (status::MAP_BEHIND, Vec::new());
         }
         let Some(local) = pg.replicas.iter().skip(1).find(|r| r.sds_id == map.sds_id) else {
             return (status::WRONG_ROLE, Vec::new());

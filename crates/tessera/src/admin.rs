@@ -245,6 +245,10 @@ impl Admin {
             SdsCmd::Remove { name } => {
                 self.exec(Command::RemoveSds { name: name.clone() }, &format!("removed SDS {name}")).await
             }
+            SdsCmd::Drain { name } => {
+                let what = format!("draining SDS {name}; `tessera cluster status` shows progress");
+                self.exec(Command::DrainSds { name }, &what).await
+            }
             SdsCmd::List => {
                 let st = self.control.status().await?;
                 if self.json {
@@ -268,6 +272,13 @@ impl Admin {
                 self.exec(
                     Command::AddDevice { sds: sds.clone(), pool, path: path.clone() },
                     &format!("added device {path} to SDS {sds}"),
+                )
+                .await
+            }
+            DeviceCmd::Drain { sds, path } => {
+                self.exec(
+                    Command::DrainDevice { sds: sds.clone(), path: path.clone() },
+                    &format!("draining device {path} of SDS {sds}"),
                 )
                 .await
             }

@@ -192,6 +192,10 @@ pub enum SdsCmd {
     Show {
         name: String,
     },
+    /// Move every copy off the SDS (before removing it).
+    Drain {
+        name: String,
+    },
     #[command(alias = "rm")]
     Remove {
         name: String,
@@ -210,6 +214,13 @@ pub enum DeviceCmd {
     },
     #[command(alias = "ls")]
     List,
+    /// Move every copy off the device (before removing it).
+    Drain {
+        #[arg(long)]
+        sds: String,
+        #[arg(long)]
+        path: String,
+    },
     #[command(alias = "rm")]
     Remove {
         #[arg(long)]

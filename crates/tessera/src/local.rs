@@ -31,10 +31,17 @@ fn sds_port(layout: &LocalLayout, n: u32) -> u16 {
     layout.base_port + 10 + n as u16
 }
 
+/// True while the process runs. A zombie (exited, not yet reaped by its parent) counts as
+/// gone; our own exited children (the demo's daemons) are reaped here.
 fn pid_alive(pid: i32) -> bool {
-    // Reap it if it is our own exited child (the demo runs daemons as children).
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-    unsafe { libc::kill(pid, 0) == 0 }
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    // /proc/PID/stat: "pid (comm) STATE ..."; comm may hold spaces, so read after the ')'.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 /// The pid in a pid file, if that process is alive and is a tessera daemon (a recycled pid
@@ -285,7 +292,8 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
             }
             if pid_alive(pid) {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
-                while pid_alive(pid) {
+                let kill_deadline = Instant::now() + STOP_TIMEOUT;
+                while pid_alive(pid) && Instant::now() < kill_deadline {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
