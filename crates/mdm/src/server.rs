@@ -198,6 +198,13 @@ impl Mdm {
                     rebuild_eta_seconds: soft.rebuild_eta_seconds(),
                 }))
             }
+            ControlRequest::WaitForChange { after_version, timeout_ms } => {
+                let mut rx = self.sm.version.subscribe();
+                let wait = Duration::from_millis(timeout_ms.min(tessera_proto::control::MAX_WAIT_FOR_CHANGE_MS));
+                let _ = tokio::time::timeout(wait, rx.wait_for(|v| *v > after_version)).await;
+                let current = *rx.borrow();
+                ControlResponse::Version(current)
+            }
             ControlRequest::ReportUnreachable { sds_id } => {
                 self.probe(sds_id).await;
                 ControlResponse::Reported

@@ -40,6 +40,8 @@ pub struct StateMachineStore {
     dir: PathBuf,
     pub data: Arc<RwLock<SmData>>,
     snapshot_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The last applied index, for long polls that wait for a change.
+    pub version: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachineStore {
@@ -51,10 +53,12 @@ impl StateMachineStore {
             }
             None => SmData::default(),
         };
+        let version = Arc::new(tokio::sync::watch::Sender::new(data.last_applied.map_or(0, |l| l.index)));
         Ok(StateMachineStore {
             dir: dir.to_path_buf(),
             data: Arc::new(RwLock::new(data)),
             snapshot_seq: Arc::default(),
+            version,
         })
     }
 
@@ -119,6 +123,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             outcomes.push(outcome);
         }
         self.persist(&d).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.version.send_replace(d.last_applied.map_or(0, |l| l.index));
         Ok(outcomes)
     }
 
@@ -144,7 +149,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let encoded = serde_json::to_vec(&stored).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         durable_file::replace(&self.snapshot_path(), &encoded).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         self.persist(&new_data).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        let version = new_data.last_applied.map_or(0, |l| l.index);
         *self.data.write().await = new_data;
+        self.version.send_replace(version);
         Ok(())
     }
 

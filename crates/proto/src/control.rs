@@ -33,7 +33,13 @@ pub enum ControlRequest {
     /// An SDC (or SDS) could not connect to an SDS: the MDM checks at once instead of
     /// waiting for its lease to run out.
     ReportUnreachable { sds_id: u64 },
+    /// Long poll: answers as soon as the state version exceeds `after_version`, or after
+    /// `timeout_ms` (at most `MAX_WAIT_FOR_CHANGE_MS`). Lets SDSs follow map changes at once.
+    WaitForChange { after_version: u64, timeout_ms: u64 },
 }
+
+/// Longest a `WaitForChange` is held, well inside `CONTROL_CALL_TIMEOUT`.
+pub const MAX_WAIT_FOR_CHANGE_MS: u64 = 5_000;
 
 /// Progress of one back-fill job, reported by the PG primary.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +65,8 @@ pub enum ControlResponse {
     Status(ClusterStatus),
     Heartbeat(HeartbeatReply),
     Reported,
+    /// The current state version (after a `WaitForChange`).
+    Version(u64),
     Error(ControlError),
 }
 

@@ -88,8 +88,64 @@ async fn refresh(sds: &Arc<SdsState>, sds_id: u64) -> anyhow::Result<()> {
     sds.devices.write().unwrap_or_else(|p| p.into_inner()).retain(|id, _| wanted.contains(id));
     let map = MapView::from_state(view.version, sds_id, state);
     collect_removed_volumes(sds, &map);
-    *sds.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+    {
+        let _fence = sds.map_fence.write().await;
+        *sds.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+    }
+    if !sds.gc_running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        let sds = sds.clone();
+        tokio::spawn(async move {
+            collect_foreign_extents(&sds).await;
+            sds.gc_running.store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
     Ok(())
+}
+
+/// Extents freed per step of foreign-extent collection: bounds how long a map install (and
+/// so a lease renewal) can wait behind it.
+const FOREIGN_FREE_BATCH: usize = 64;
+
+/// Frees extents of PGs this SDS no longer holds a copy of (moved away, or dropped while it
+/// was dead): an SDS that returns after being replaced rejoins empty, and a moved copy
+/// gives its space back. Safe because a PG keeps every copy that may be the last complete
+/// one, so a copy outside the PG is never needed again.
+async fn collect_foreign_extents(sds: &Arc<SdsState>) {
+    let devices: Vec<(u64, Arc<Device>)> =
+        sds.devices.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(id, d)| (*id, d.clone())).collect();
+    for (device_id, dev) in devices {
+        loop {
+            let _fence = sds.map_fence.read().await;
+            let map = sds.map();
+            let Some(&pool_id) = map.device_pools.get(&device_id) else { break };
+            if map.pools.get(&pool_id).is_none_or(|p| p.pgs.is_empty()) {
+                break;
+            }
+            let foreign: Vec<_> = dev
+                .allocated_extents()
+                .into_iter()
+                .filter(|(_, pg, _)| !map.holds_copy(pool_id, *pg, device_id))
+                .map(|(k, _, _)| k)
+                .take(FOREIGN_FREE_BATCH)
+                .collect();
+            if foreign.is_empty() {
+                break;
+            }
+            let (d, n) = (dev.clone(), foreign.len());
+            let extent = dev.extent_size_bytes();
+            let freed =
+                tokio::task::spawn_blocking(move || foreign.iter().try_for_each(|k| d.write_zeroes(*k, 0, extent)))
+                    .await;
+            match freed {
+                Ok(Ok(())) => tracing::info!(device_id, extents = n, "freed extents of PGs this SDS no longer holds"),
+                Ok(Err(e)) => {
+                    tracing::warn!(device_id, "freeing foreign extents: {e}");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 /// Frees, in the background, extents of volumes the MDM has removed. Only ids the MDM has
@@ -114,6 +170,26 @@ fn collect_removed_volumes(sds: &Arc<SdsState>, map: &MapView) {
             }
         }
     });
+}
+
+/// Follows map changes as they are committed (long poll), so a re-peered or moved PG is
+/// served and back-filled at once rather than at the next heartbeat.
+async fn map_watcher(sds: Arc<SdsState>, watch_client: ControlClient) {
+    loop {
+        let after_version = sds.map().version;
+        let request =
+            ControlRequest::WaitForChange { after_version, timeout_ms: tessera_proto::control::MAX_WAIT_FOR_CHANGE_MS };
+        match watch_client.request(&request).await {
+            Ok(ControlResponse::Version(v)) if v > after_version => sds.refresh.notify_one(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!("waiting for map changes: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        // Let the refresh land before asking again (it raises our version).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Renews the lease every interval and follows map changes. The lease is extended only
@@ -179,6 +255,7 @@ pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
     heartbeat_client.retry_for = Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS);
     sds.rebuilds.bytes_per_sec.store(cfg.rebuild_bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(heartbeat_loop(sds.clone(), heartbeat_client, me.id));
+    tokio::spawn(map_watcher(sds.clone(), ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone())));
     tokio::spawn(crate::rebuild::scheduler(sds.clone()));
     loop {
         match listener.accept().await {

@@ -36,6 +36,8 @@ pub struct MapView {
     pub max_issued_id: u64,
     /// volume id -> (pool id, extents in the volume).
     pub volumes: HashMap<u64, (u64, u64)>,
+    /// This SDS's devices: device id -> pool id.
+    pub device_pools: HashMap<u64, u64>,
 }
 
 impl MapView {
@@ -70,7 +72,16 @@ impl MapView {
                     Some((v.id, (v.pool_id, v.size_bytes.div_ceil(extent))))
                 })
                 .collect(),
+            device_pools: state.devices_of_sds(sds_id).map(|d| (d.id, d.pool_id)).collect(),
         }
+    }
+
+    /// Whether this SDS's `device_id` holds a copy (complete or syncing) of the PG.
+    pub fn holds_copy(&self, pool_id: u64, pg_id: u32, device_id: u64) -> bool {
+        self.pools
+            .get(&pool_id)
+            .and_then(|p| p.pgs.get(pg_id as usize))
+            .is_some_and(|pg| pg.replicas.iter().any(|r| r.sds_id == self.sds_id && r.device_id == device_id))
     }
 }
 

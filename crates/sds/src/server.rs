@@ -43,6 +43,12 @@ pub struct SdsState {
     /// Devices already reported failed (report once).
     failed_devices: Mutex<HashSet<u64>>,
     pub rebuilds: crate::rebuild::RebuildJobs,
+    /// Held shared while freeing extents of PGs this SDS no longer holds, and exclusively
+    /// while installing a new map: a decision to free is always taken on the newest map,
+    /// so a write accepted under a newer map (which made us a member again) is never freed.
+    pub map_fence: tokio::sync::RwLock<()>,
+    /// One collection of foreign extents at a time.
+    pub gc_running: std::sync::atomic::AtomicBool,
 }
 
 fn device_status(e: &DeviceError) -> u32 {
@@ -69,6 +75,8 @@ impl SdsState {
             lease_valid_until: Mutex::new(None),
             failed_devices: Mutex::new(HashSet::new()),
             rebuilds: Default::default(),
+            map_fence: tokio::sync::RwLock::new(()),
+            gc_running: Default::default(),
         }
     }
 
