@@ -8,6 +8,7 @@ declare -A PACKAGE_OF=(
   [nbdcopy]=libnbd-bin
   [nbdinfo]=libnbd-bin
   [nbdfuse]=nbdfuse
+  [fusermount3]=fuse3
   [nbdkit]=nbdkit
   [fio]=fio
   [qemu-img]=qemu-utils

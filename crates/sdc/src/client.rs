@@ -255,33 +255,43 @@ impl DataClient {
     /// Makes every completed write to the volume durable on both copies: each primary that
     /// took writes flushes itself and the secondaries it forwarded to.
     pub async fn flush(&self, volume_id: u64) -> Result<(), IoFailure> {
-        let owed: Vec<u64> = self
-            .unflushed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&volume_id)
-            .map(|s| s.drain().collect())
-            .unwrap_or_default();
-        let map = self.map();
-        let mut failed = Vec::new();
-        for sds_id in owed {
-            let ok = match self.connection(sds_id, &map).await {
-                Some(c) => c
-                    .call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT)
-                    .await
-                    .is_ok_and(|r| r.status == status::OK),
-                None => false,
-            };
-            if !ok {
-                failed.push(sds_id);
+        let deadline = tokio::time::Instant::now() + IO_RETRY_BUDGET;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let owed: Vec<u64> = self
+                .unflushed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&volume_id)
+                .map(|s| s.drain().collect())
+                .unwrap_or_default();
+            let map = self.map();
+            let mut failed = Vec::new();
+            for sds_id in owed {
+                let ok = match self.connection(sds_id, &map).await {
+                    Some(c) => c
+                        .call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT)
+                        .await
+                        .is_ok_and(|r| r.status == status::OK),
+                    None => false,
+                };
+                if !ok {
+                    failed.push(sds_id);
+                }
             }
+            if failed.is_empty() {
+                return Ok(());
+            }
+            // Still owed: the retry (or a later flush) must reach them. A failed device is
+            // reported and re-peered by then; a dead SDS's PGs have moved to survivors that
+            // were flushed through their own primaries.
+            self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).entry(volume_id).or_default().extend(failed);
+            if tokio::time::Instant::now() > deadline {
+                return Err(IoFailure::Io);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
         }
-        if failed.is_empty() {
-            return Ok(());
-        }
-        // Still owed: a later flush must try again.
-        self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).entry(volume_id).or_default().extend(failed);
-        Err(IoFailure::Io)
     }
 }
 

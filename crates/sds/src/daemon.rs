@@ -64,7 +64,8 @@ fn open_or_format(path: &Path, device_id: u64, extent_size_bytes: u32, cluster_i
 async fn refresh(sds: &Arc<SdsState>, sds_id: u64) -> anyhow::Result<()> {
     let view = sds.control.state().await?;
     let state = &view.state;
-    let mine: Vec<_> = state.devices_of_sds(sds_id).cloned().collect();
+    // A failed device is closed and never reopened by this process: its PGs have moved.
+    let mine: Vec<_> = state.devices_of_sds(sds_id).filter(|d| d.state != DeviceState::Failed).cloned().collect();
     let open_ids: HashSet<u64> = sds.devices.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
     for d in &mine {
         if open_ids.contains(&d.id) {

@@ -350,7 +350,7 @@ impl SdsState {
         }
     }
 
-    async fn flush(&self, payload: &[u8]) -> (u32, Vec<u8>) {
+    async fn flush(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
         let local_only = payload.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).unwrap_or(0)
             & flags::LOCAL_ONLY
             != 0;
@@ -359,12 +359,28 @@ impl SdsState {
         } else {
             self.forwarded_since_flush.lock().unwrap_or_else(|p| p.into_inner()).drain().collect()
         };
-        let devices = self.all_devices();
-        let local = tokio::task::spawn_blocking(move || devices.iter().try_for_each(|d| d.flush())).await;
+        // Devices already reported failed are skipped: the MDM moves their PGs to copies
+        // elsewhere. A device that fails now is reported, and this flush fails (the client
+        // retries once the map has moved on).
+        let failed = self.failed_devices.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let devices: Vec<Arc<Device>> =
+            self.all_devices().into_iter().filter(|d| !failed.contains(&d.device_id())).collect();
+        let local = tokio::task::spawn_blocking(move || {
+            devices
+                .iter()
+                .map(|d| (d.device_id(), d.flush()))
+                .filter(|(_, r)| r.is_err())
+                .map(|(id, _)| id)
+                .collect::<Vec<u64>>()
+        })
+        .await;
         let mut result = match local {
-            Ok(Ok(())) => status::OK,
-            Ok(Err(e)) => {
-                tracing::warn!("flush failed: {e}");
+            Ok(failed_now) if failed_now.is_empty() => status::OK,
+            Ok(failed_now) => {
+                for device_id in failed_now {
+                    tracing::warn!(device_id, "flush failed");
+                    self.report_device_failure(device_id);
+                }
                 status::IO_ERROR
             }
             Err(_) => status::IO_ERROR,
