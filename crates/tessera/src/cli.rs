@@ -92,7 +92,7 @@ pub enum DaemonCmd {
         #[arg(long)]
         listen: SocketAddr,
         /// Back-fill bandwidth per source device, MiB/s.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, env = "TESSERA_REBUILD_MIB_PER_SEC", default_value_t = 256)]
         rebuild_mib_per_sec: u64,
     },
     Sdc {
