@@ -63,6 +63,8 @@ struct SoftState {
     last_probe_ms: HashMap<u64, u64>,
     /// Recent samples (time ms, PGs re-mirroring), for the PG completion rate behind the ETA.
     syncing_samples: std::collections::VecDeque<(u64, u64)>,
+    /// Most PGs re-mirroring at once since none were (the size of the current episode).
+    syncing_peak: u64,
 }
 
 /// The rebalancer runs every this many failure-detector ticks.
@@ -91,6 +93,7 @@ impl SoftState {
     }
 
     fn record_syncing(&mut self, now_ms: u64, pgs_syncing: u64) {
+        self.syncing_peak = if pgs_syncing == 0 { 0 } else { self.syncing_peak.max(pgs_syncing) };
         self.syncing_samples.push_back((now_ms, pgs_syncing));
         while self.syncing_samples.front().is_some_and(|(t, _)| now_ms.saturating_sub(*t) > REBUILD_RATE_WINDOW_MS) {
             self.syncing_samples.pop_front();
@@ -196,6 +199,7 @@ impl Mdm {
                     rebuild_bytes_copied: soft.rebuild_bytes_total,
                     rebuild_rate_bytes_per_sec: soft.rebuild_rate_bytes_per_sec(),
                     rebuild_eta_seconds: soft.rebuild_eta_seconds(),
+                    rebuild_pgs_in_episode: soft.syncing_peak,
                 }))
             }
             ControlRequest::WaitForChange { after_version, timeout_ms } => {

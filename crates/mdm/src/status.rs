@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tessera_core::lease::{LeaseStatus, LeaseTable};
 use tessera_core::{ClusterState, DeviceState, SdsState, REPLICA_COUNT};
-use tessera_proto::control::{ClusterStatus, MdmMember, PgCounts, RebuildStatus, SdsStatus};
+use tessera_proto::control::{ClusterStatus, MdmMember, PgCounts, PoolStatus, RebuildStatus, SdsStatus};
 
 pub struct StatusInputs<'a> {
     pub state: &'a ClusterState,
@@ -22,15 +22,23 @@ pub struct StatusInputs<'a> {
     pub rebuild_rate_bytes_per_sec: u64,
     /// From the rate at which PGs finished re-mirroring recently.
     pub rebuild_eta_seconds: Option<u64>,
+    pub rebuild_pgs_in_episode: u64,
 }
 
 pub fn pg_counts(state: &ClusterState, alive: &dyn Fn(u64) -> bool) -> PgCounts {
     let mut pgs = PgCounts::default();
     for pool in state.pools.values() {
+        add_pool_pgs(&mut pgs, pool, alive);
+    }
+    pgs
+}
+
+fn add_pool_pgs(pgs: &mut PgCounts, pool: &tessera_core::StoragePool, alive: &dyn Fn(u64) -> bool) {
+    {
         pgs.total_pgs += u64::from(pool.pg_count);
         if pool.pgs.is_empty() {
             pgs.unplaced_pgs += u64::from(pool.pg_count);
-            continue;
+            return;
         }
         for pg in &pool.pgs {
             let live_complete = pg.in_sync().filter(|r| alive(r.sds_id)).count();
@@ -43,7 +51,6 @@ pub fn pg_counts(state: &ClusterState, alive: &dyn Fn(u64) -> bool) -> PgCounts 
             }
         }
     }
-    pgs
 }
 
 pub fn cluster_status(i: StatusInputs<'_>) -> ClusterStatus {
@@ -98,7 +105,31 @@ pub fn cluster_status(i: StatusInputs<'_>) -> ClusterStatus {
             bytes_copied: i.rebuild_bytes_copied,
             rate_bytes_per_sec: rate,
             eta_seconds,
+            pgs_in_episode: i.rebuild_pgs_in_episode.max(pgs_rebuilding),
         },
+        pools: s
+            .pools
+            .values()
+            .map(|p| {
+                let mut pgs = PgCounts::default();
+                add_pool_pgs(&mut pgs, p, &alive);
+                let used_bytes = s
+                    .devices_of_pool(p.id)
+                    .map(|d| i.used_extents_by_device.get(&d.id).copied().unwrap_or(0) * u64::from(p.extent_size_bytes))
+                    .sum();
+                PoolStatus {
+                    name: p.name.clone(),
+                    pgs,
+                    pgs_rebuilding: p.pgs.iter().filter(|pg| !pg.syncing.is_empty()).count() as u64,
+                    raw_capacity_bytes: s.pool_raw_capacity_bytes(p.id),
+                    usable_capacity_bytes: s.pool_usable_capacity_bytes(p),
+                    spare_percent: p.spare_percent,
+                    used_bytes,
+                    thick_reserved_bytes: s.pool_thick_reserved_bytes(p.id),
+                    volumes: s.volumes_of_pool(p.id).count(),
+                }
+            })
+            .collect(),
         volumes: s.volumes.len(),
         sdcs: s.sdcs.len(),
     }

@@ -92,8 +92,26 @@ pub struct ClusterStatus {
     pub sdss: Vec<SdsStatus>,
     pub pgs: PgCounts,
     pub rebuild: RebuildStatus,
+    pub pools: Vec<PoolStatus>,
     pub volumes: usize,
     pub sdcs: usize,
+}
+
+/// One storage pool's health and capacity.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub pgs: PgCounts,
+    /// PGs with a copy being back-filled (rebuild, rebalance or drain).
+    pub pgs_rebuilding: u64,
+    pub raw_capacity_bytes: u64,
+    /// Capacity thick volumes may reserve: two copies, spare held back.
+    pub usable_capacity_bytes: u64,
+    pub spare_percent: u8,
+    /// Raw bytes in use on the pool's devices (both copies), as last reported.
+    pub used_bytes: u64,
+    pub thick_reserved_bytes: u64,
+    pub volumes: usize,
 }
 
 /// Re-mirroring under way across the cluster.
@@ -108,6 +126,10 @@ pub struct RebuildStatus {
     pub rate_bytes_per_sec: u64,
     /// Seconds until done at the current rate, when known.
     pub eta_seconds: Option<u64>,
+    /// Most PGs re-mirroring at once since the cluster was last fully in sync: with
+    /// `pgs_rebuilding`, the fraction done.
+    #[serde(default)]
+    pub pgs_in_episode: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

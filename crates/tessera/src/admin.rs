@@ -43,10 +43,14 @@ impl Admin {
 
     pub async fn cluster(&self, cmd: ClusterCmd) -> anyhow::Result<()> {
         match cmd {
-            ClusterCmd::Status => {
+            ClusterCmd::Status { watch } => loop {
                 let s = self.control.status().await?;
                 if self.json {
                     return print_json(&s);
+                }
+                if watch {
+                    // Clear the screen and redraw from the top.
+                    print!("\x1b[2J\x1b[H");
                 }
                 println!(
                     "MDM cluster: {} member(s), leader {}",
@@ -73,18 +77,12 @@ impl Admin {
                     s.volumes,
                     s.sdcs
                 );
-                let r = &s.rebuild;
-                if r.pgs_rebuilding > 0 {
-                    println!(
-                        "Rebuild: {} PG(s) re-mirroring, {} extent(s) to copy, {}/s, ETA {}",
-                        r.pgs_rebuilding,
-                        r.extents_remaining,
-                        format_size(r.rate_bytes_per_sec),
-                        r.eta_seconds.map_or("unknown".into(), |e| format!("{e} s"))
-                    );
+                print_rebuild(&s.rebuild);
+                if !watch || s.rebuild.pgs_rebuilding == 0 {
+                    return Ok(());
                 }
-                Ok(())
-            }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            },
         }
     }
 
@@ -223,6 +221,40 @@ impl Admin {
                         })
                         .collect(),
                 );
+                Ok(())
+            }
+            PoolCmd::Status { name } => {
+                let s = self.control.status().await?;
+                let p = s
+                    .pools
+                    .iter()
+                    .find(|p| p.name == name)
+                    .ok_or_else(|| anyhow!("storage pool {name:?} not found"))?;
+                if self.json {
+                    return print_json(p);
+                }
+                println!(
+                    "pool {}: {} volume(s); raw {}, used {}, usable for thick volumes {} ({}% spare, at least the largest SDS or fault set), thick reserved {}",
+                    p.name,
+                    p.volumes,
+                    format_size(p.raw_capacity_bytes),
+                    format_size(p.used_bytes),
+                    format_size(p.usable_capacity_bytes),
+                    p.spare_percent,
+                    format_size(p.thick_reserved_bytes)
+                );
+                println!(
+                    "PGs: {} total, {} healthy, {} degraded, {} unavailable, {} unplaced, {} re-mirroring",
+                    p.pgs.total_pgs,
+                    p.pgs.healthy_pgs,
+                    p.pgs.degraded_pgs,
+                    p.pgs.unavailable_pgs,
+                    p.pgs.unplaced_pgs,
+                    p.pgs_rebuilding
+                );
+                if p.pgs_rebuilding > 0 {
+                    print_rebuild(&s.rebuild);
+                }
                 Ok(())
             }
             PoolCmd::Show { name } => {
@@ -478,6 +510,29 @@ impl Admin {
                 Ok(())
             }
         }
+    }
+}
+
+/// Rebuild progress: a bar when stdout is a terminal, one plain line otherwise.
+fn print_rebuild(r: &tessera_proto::control::RebuildStatus) {
+    use std::io::IsTerminal;
+    if r.pgs_rebuilding == 0 {
+        return;
+    }
+    let total = r.pgs_in_episode.max(r.pgs_rebuilding);
+    let done = total - r.pgs_rebuilding;
+    let eta = r.eta_seconds.map_or("unknown".into(), |e| format!("{e} s"));
+    let rate = format_size(r.rate_bytes_per_sec);
+    if std::io::stdout().is_terminal() {
+        const WIDTH: u64 = 30;
+        let filled = (done * WIDTH / total.max(1)) as usize;
+        println!(
+            "Rebuild [{}{}] {done}/{total} PGs, {rate}/s, ETA {eta}",
+            "#".repeat(filled),
+            "-".repeat(WIDTH as usize - filled)
+        );
+    } else {
+        println!("Rebuild: {} PG(s) re-mirroring ({done} of {total} done), {rate}/s, ETA {eta}", r.pgs_rebuilding);
     }
 }
 

@@ -109,8 +109,12 @@ pub enum DaemonCmd {
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
-    /// MDM members, SDS states, PG health.
-    Status,
+    /// MDM members, SDS states, PG health, rebuild progress.
+    Status {
+        /// Redraw every second until no PG is re-mirroring.
+        #[arg(long)]
+        watch: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,6 +166,10 @@ pub enum PoolCmd {
     #[command(alias = "ls")]
     List,
     Show {
+        name: String,
+    },
+    /// PG health, capacity and rebuild progress of one pool.
+    Status {
         name: String,
     },
     #[command(alias = "rm")]
