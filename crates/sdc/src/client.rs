@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tessera_core::layout::pg_of_extent;
-use tessera_core::{ClusterState, Volume};
+use tessera_core::{ClusterState, SdsState, Volume};
 use tessera_proto::control::{ClientError, ControlClient};
 use tessera_proto::data::{flags, kind, status, IoHeader};
 use tessera_proto::rpc::RpcClient;
@@ -267,6 +267,15 @@ impl DataClient {
                 .unwrap_or_default();
             let map = self.map();
             let mut failed = Vec::new();
+            // An SDS declared dead can never be flushed, and its PGs now have primaries
+            // elsewhere that hold the writes it took (as forwarded copies or back-filled):
+            // flush every live SDS instead, each of which flushes the copies it forwarded.
+            let owed: Vec<u64> =
+                if owed.iter().any(|id| map.state.sdss.get(id).is_none_or(|s| s.state == SdsState::Down)) {
+                    map.state.sdss.values().filter(|s| s.state != SdsState::Down).map(|s| s.id).collect()
+                } else {
+                    owed
+                };
             for sds_id in owed {
                 let ok = match self.connection(sds_id, &map).await {
                     Some(c) => c
@@ -288,6 +297,10 @@ impl DataClient {
             self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).entry(volume_id).or_default().extend(failed);
             if tokio::time::Instant::now() > deadline {
                 return Err(IoFailure::Io);
+            }
+            let seen = self.refreshes();
+            if let Err(e) = self.refresh(seen).await {
+                tracing::warn!("map refresh failed: {e}");
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));

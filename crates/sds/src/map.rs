@@ -38,6 +38,8 @@ pub struct MapView {
     pub volumes: HashMap<u64, (u64, u64)>,
     /// This SDS's devices: device id -> pool id.
     pub device_pools: HashMap<u64, u64>,
+    /// SDSs the MDM has declared dead.
+    pub down_sdss: std::collections::HashSet<u64>,
 }
 
 impl MapView {
@@ -73,6 +75,7 @@ impl MapView {
                 })
                 .collect(),
             device_pools: state.devices_of_sds(sds_id).map(|d| (d.id, d.pool_id)).collect(),
+            down_sdss: state.sdss.values().filter(|s| s.state == tessera_core::SdsState::Down).map(|s| s.id).collect(),
         }
     }
 

@@ -385,7 +385,13 @@ impl SdsState {
             }
             Err(_) => status::IO_ERROR,
         };
+        let down = self.map().down_sdss.clone();
         for sds_id in peers {
+            if down.contains(&sds_id) {
+                // Declared dead, so removed from every PG this SDS also holds: the copies
+                // it had are gone, and the writes live on here and on the other copies.
+                continue;
+            }
             let ok = match self.peer(sds_id).await {
                 Ok(peer) => peer
                     .call(kind::FLUSH, &[&flags::LOCAL_ONLY.to_le_bytes()], PEER_CALL_TIMEOUT)
