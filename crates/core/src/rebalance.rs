@@ -49,7 +49,10 @@ impl ClusterState {
             )));
         }
         let stays: Vec<&Replica> = pg.replicas.iter().filter(|r| r.sds_id != from_sds_id).collect();
-        if stays.iter().any(|r| r.sds_id == to.sds_id)
+        // Copy state (`syncing`, `leaving`) is keyed by SDS, and copies must be on distinct
+        // SDSs, so the new copy may not land on any SDS of the PG — the leaving one included
+        // (a move between two devices of one SDS is not a move this model can express).
+        if pg.replicas.iter().any(|r| r.sds_id == to.sds_id)
             || (pd_fault_sets && stays.iter().any(|r| fault_set_of(r.sds_id) == fault_set_of(to.sds_id)))
         {
             return Err(CoreError::Invalid("the new copy would share an SDS or fault set with another".into()));
@@ -153,7 +156,11 @@ fn balance_move(state: &ClusterState, pool_id: u64) -> Option<Command> {
         (load.get(&d.id).copied().unwrap_or(0) as i64 + extra) as f64 / d.capacity_bytes as f64
     };
     let src = candidates.iter().max_by(|a, b| per_weight(a, 0).total_cmp(&per_weight(b, 0)).then(a.id.cmp(&b.id)))?;
-    let dst = candidates.iter().min_by(|a, b| per_weight(a, 0).total_cmp(&per_weight(b, 0)).then(a.id.cmp(&b.id)))?;
+    // The target is on another SDS: copies of a PG never share one.
+    let dst = candidates
+        .iter()
+        .filter(|d| d.sds_id != src.sds_id)
+        .min_by(|a, b| per_weight(a, 0).total_cmp(&per_weight(b, 0)).then(a.id.cmp(&b.id)))?;
     // Move only while it leaves the source no lighter than the target becomes.
     if per_weight(src, -1) < per_weight(dst, 1) {
         return None;
@@ -166,10 +173,12 @@ fn balance_move(state: &ClusterState, pool_id: u64) -> Option<Command> {
         .filter(|pg| pg.leaving.is_none() && pg.syncing.is_empty())
         .filter(|pg| pg.in_sync().any(|r| r.device_id == src.id))
         .filter(|pg| {
-            pg.replicas
-                .iter()
-                .filter(|r| r.device_id != src.id)
-                .all(|r| r.sds_id != dst.sds_id && (!use_fs || fault_set_of(r.sds_id) != fault_set_of(dst.sds_id)))
+            pg.replicas.iter().all(|r| r.sds_id != dst.sds_id)
+                && pg
+                    .replicas
+                    .iter()
+                    .filter(|r| r.device_id != src.id)
+                    .all(|r| !use_fs || fault_set_of(r.sds_id) != fault_set_of(dst.sds_id))
         })
         .collect();
     options.sort_by_key(|pg| mix64(u64::from(pg.id) ^ dst.id));
@@ -314,6 +323,37 @@ mod tests {
         let pg = &s.pools[&pool_id].pgs[pg_id as usize];
         assert_eq!(pg.in_sync().count(), 2, "both old copies serve until the new one completes");
         assert_eq!(pg.replicas.len(), 3);
+    }
+
+    #[test]
+    fn never_moves_a_copy_onto_an_sds_of_the_pg() {
+        // sds s0 gets a second, empty device: the balancer must not move copies between the
+        // two devices of s0 (found by the simulator, seed 36).
+        let mut s = cluster_with_volume(3);
+        let d = ok(&mut s, Command::AddDevice { sds: "s0".into(), pool: "p".into(), path: "/e".into() });
+        ok(&mut s, Command::DeviceReady { device_id: d, capacity_bytes: 10 * GIB });
+        settle(&mut s);
+        for pg in &s.pool_by_name("p").unwrap().pgs {
+            let mut sdss: Vec<u64> = pg.replicas.iter().map(|r| r.sds_id).collect();
+            sdss.sort();
+            sdss.dedup();
+            assert_eq!(sdss.len(), pg.replicas.len(), "{pg:?}");
+        }
+    }
+
+    #[test]
+    fn a_move_whose_target_dies_is_cancelled() {
+        // Found by the simulator (seed 20): the PG must not stay busy forever.
+        let mut s = cluster_with_volume(3);
+        add_sds(&mut s, 3);
+        let cmd = next_moves(&s).into_iter().next().unwrap();
+        let Command::MovePg { pool_id, pg_id, to, .. } = cmd.clone() else { panic!() };
+        ok(&mut s, cmd);
+        ok(&mut s, Command::DeclareSdsDown { sds_id: to.sds_id, unresponsive: vec![] });
+        let pg = &s.pools[&pool_id].pgs[pg_id as usize];
+        assert_eq!(pg.leaving, None, "{pg:?}");
+        assert!(pg.syncing.is_empty(), "{pg:?}");
+        assert_eq!(pg.replicas.len(), 2);
     }
 
     #[test]

@@ -100,7 +100,9 @@ impl ClusterState {
         }
         let Some(pg) = self.pools.get_mut(&pool_id).and_then(|p| p.pgs.get_mut(pg_id as usize)) else { return false };
         assert!(!syncing.contains(&replicas[0].sds_id), "a syncing copy must never be primary");
-        if pg.leaving.is_some_and(|l| !replicas.iter().any(|r| r.sds_id == l)) {
+        // A move is over when its leaving copy is gone, or when its new copy is (nothing is
+        // syncing any more): the remaining copies simply stay.
+        if pg.leaving.is_some_and(|l| !replicas.iter().any(|r| r.sds_id == l)) || syncing.is_empty() {
             pg.leaving = None;
         }
         pg.replicas = replicas;

@@ -67,12 +67,9 @@ struct SoftState {
     syncing_peak: u64,
 }
 
-/// The rebalancer runs every this many failure-detector ticks.
-const REBALANCE_EVERY_TICKS: u64 = 1;
-
 /// Window over which the rebuild rate is averaged.
 const REBUILD_RATE_WINDOW_MS: u64 = 5_000;
-/// How often the leader checks leases.
+/// How often the leader checks leases and plans rebalance moves.
 const FAILURE_DETECTOR_INTERVAL: Duration = Duration::from_millis(250);
 /// An SDS is probed at most this often on reports that it is unreachable.
 const PROBE_INTERVAL_MS: u64 = 500;
@@ -322,15 +319,12 @@ impl Mdm {
     }
 }
 
+/// The leader's periodic duties: liveness first, then rebalance moves.
 async fn failure_detector(mdm: Arc<Mdm>) {
-    let mut ticks: u64 = 0;
     loop {
         tokio::time::sleep(FAILURE_DETECTOR_INTERVAL).await;
         mdm.detect_failures().await;
-        ticks += 1;
-        if ticks % REBALANCE_EVERY_TICKS == 0 {
-            mdm.rebalance().await;
-        }
+        mdm.rebalance().await;
     }
 }
 

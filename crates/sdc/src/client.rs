@@ -14,6 +14,8 @@ use tessera_proto::ClusterSecret;
 
 /// One data request to an SDS that gets no reply in this time is retried.
 pub const DATA_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a request without a reply checks whether its PG moved to another primary.
+pub const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one IO keeps retrying (map refreshes, reconnects) before it fails the caller.
 pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(60);
 
@@ -173,12 +175,36 @@ impl DataClient {
                 .or_default()
                 .insert(primary.sds_id);
         }
-        let reply = match conn.call(op, &[&header.encode(), data], DATA_CALL_TIMEOUT).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(sds_id = primary.sds_id, "data call failed: {e}");
-                self.report_unreachable(primary.sds_id);
-                return Err(Attempt::RefreshAndRetry);
+        let header_bytes = header.encode();
+        let parts: [&[u8]; 2] = [&header_bytes, data];
+        let call = conn.call(op, &parts, DATA_CALL_TIMEOUT);
+        tokio::pin!(call);
+        let reply = loop {
+            tokio::select! {
+                result = &mut call => match result {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        tracing::warn!(sds_id = primary.sds_id, "data call failed: {e}");
+                        self.report_unreachable(primary.sds_id);
+                        return Err(Attempt::RefreshAndRetry);
+                    }
+                },
+                // A primary that stops answering (paused, partitioned) is replaced once its
+                // lease runs out. Watch for that instead of waiting out the whole timeout:
+                // once the PG's epoch moved on, this call is abandoned and re-sent on the new
+                // map. (The client has not been acked, and issues no overlapping write while
+                // this one is pending, so re-sending it is safe.)
+                _ = tokio::time::sleep(STALL_CHECK_INTERVAL) => {
+                    let seen = self.refreshes();
+                    if let Err(e) = self.refresh(seen).await {
+                        tracing::warn!("map refresh failed: {e}");
+                    }
+                    let now_epoch = self.map().state.pools.get(&volume.pool_id).and_then(|p| p.pgs.get(pg_id as usize)).map(|g| g.epoch);
+                    if now_epoch != Some(pg.epoch) {
+                        tracing::warn!(sds_id = primary.sds_id, pg_id, "PG moved while a request was pending: re-sending");
+                        return Err(Attempt::RefreshAndRetry);
+                    }
+                }
             }
         };
         match reply.status {

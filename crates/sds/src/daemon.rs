@@ -82,7 +82,17 @@ async fn refresh(sds: &Arc<SdsState>, sds_id: u64) -> anyhow::Result<()> {
                 }
                 tracing::info!(device_id = d.id, path = %d.path, capacity_bytes, "device in service");
             }
-            Err(e) => tracing::error!(device_id = d.id, "device unusable: {e:#}"),
+            Err(e) => {
+                tracing::error!(device_id = d.id, "device unusable: {e:#}");
+                // A device in service that cannot be opened is a failed device: report it so
+                // its PGs move to their other copies (found by the simulator, seed 19). A new
+                // device that never came up stays new, for the administrator to fix.
+                if d.state == DeviceState::Normal {
+                    if let Err(e) = sds.control.execute(Command::FailDevice { device_id: d.id }).await {
+                        tracing::error!(device_id = d.id, "reporting the unusable device: {e}");
+                    }
+                }
+            }
         }
     }
     let wanted: HashSet<u64> = mine.iter().map(|d| d.id).collect();

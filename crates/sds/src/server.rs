@@ -21,6 +21,8 @@ use tessera_core::Replica;
 /// A forwarded write or flush that takes longer than this fails the client's request
 /// (it is retried by the client; a write is never acked without both copies).
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a forwarded write without a reply checks whether its PG moved on.
+pub const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct SdsState {
     pub name: String,
@@ -329,7 +331,26 @@ impl SdsState {
         let Ok(peer) = self.peer(sds_id).await else { return status::REPLICA_UNAVAILABLE };
         self.forwarded_since_flush.lock().unwrap_or_else(|p| p.into_inner()).insert(sds_id);
         let forwarded = IoHeader { flags: h.flags | flags::REPLICA, ..h };
-        match peer.call(op, &[&forwarded.encode(), &payload[IO_HEADER_BYTES..]], PEER_CALL_TIMEOUT).await {
+        let header_bytes = forwarded.encode();
+        let parts: [&[u8]; 2] = [&header_bytes, &payload[IO_HEADER_BYTES..]];
+        let call = peer.call(op, &parts, PEER_CALL_TIMEOUT);
+        tokio::pin!(call);
+        let result = loop {
+            tokio::select! {
+                r = &mut call => break r,
+                // A copy that stops answering is replaced once its lease runs out; when our
+                // map shows the PG moved on, stop waiting: the client retries on the new map.
+                _ = tokio::time::sleep(STALL_CHECK_INTERVAL) => {
+                    let map = self.map();
+                    let epoch = map.pools.get(&h.pool_id).and_then(|p| p.pgs.get(h.pg_id as usize)).map(|g| g.epoch);
+                    if epoch != Some(h.pg_epoch) {
+                        tracing::warn!(sds_id, pg = h.pg_id, "PG moved while a forwarded write was pending");
+                        return status::STALE_EPOCH;
+                    }
+                }
+            }
+        };
+        match result {
             Ok(reply) => {
                 if reply.status != status::OK {
                     tracing::warn!(sds_id, "secondary refused write: {}", status::name(reply.status));

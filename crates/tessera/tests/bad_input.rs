@@ -279,7 +279,7 @@ fn malformed_data_frames_never_crash_an_sds() {
     };
     let write_payload = |h: IoHeader, data_len: usize| {
         let mut p = h.encode().to_vec();
-        p.extend(std::iter::repeat(0xeeu8).take(data_len));
+        p.extend(std::iter::repeat_n(0xeeu8, data_len));
         p
     };
     expect(&mut s, 999, &good.encode(), &[status::UNKNOWN_KIND], "unknown kind");
