@@ -56,12 +56,12 @@ pub async fn demo(keep: bool) -> anyhow::Result<()> {
 }
 
 async fn demo_in(dir: &Path) -> anyhow::Result<()> {
-    let total = 7;
+    let total = 9;
     let started = Instant::now();
-    step(1, total, &format!("starting a local cluster in {} (MDM, 3 SDSs, SDC on 127.0.0.1)", dir.display()));
+    step(1, total, &format!("starting a local cluster in {} (MDM, 4 SDSs, SDC on 127.0.0.1)", dir.display()));
     let args = UpArgs {
         dir: dir.to_path_buf(),
-        sds: Some(3),
+        sds: Some(4),
         device_size: "1GiB".into(),
         ip: "127.0.0.1".into(),
         base_port: free_port_base(),
@@ -81,11 +81,7 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
         })
         .await?;
     control
-        .execute(Command::MapVolume {
-            volume: DEMO_VOLUME.into(),
-            sdc: local::LOCAL_SDC.into(),
-            allow_multi_map: false,
-        })
+        .execute(Command::MapVolume { volume: DEMO_VOLUME.into(), sdc: local::LOCAL_SDC.into(), allow_multi_map: false })
         .await?;
     let uri = format!("nbd+unix:///{DEMO_VOLUME}?socket={}", dir.join(format!("{}.sock", local::LOCAL_SDC)).display());
     eprintln!("      NBD URI: {uri}");
@@ -95,28 +91,80 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
     let mut bytes = vec![0u8; DEMO_DATA_MIB << 20];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
     std::fs::write(&data, &bytes)?;
-    run(Process::new("nbdcopy").arg("--progress").arg(&data).arg(&uri))?;
+    run(Process::new("nbdcopy").arg("--progress").arg("--flush").arg(&data).arg(&uri))?;
 
     step(4, total, "reading it back through nbdcopy and comparing");
     let back = dir.join("back.bin");
     read_back_and_compare(&uri, &back, &bytes)?;
+    verify_copies(&control, &cfg).await?;
 
-    step(5, total, "verifying that both copies of every written extent are identical");
-    let report = tessera_sdc::verify::verify_volume(&control, &cfg.secret()?, DEMO_VOLUME).await?;
-    if !report.mismatches.is_empty() {
-        bail!("{} extent(s) differ between copies", report.mismatches.len());
-    }
-    eprintln!("      {} extents checked on both copies: identical", report.extents_checked);
+    step(5, total, "losing a node: SIGKILL to sds-2");
+    let victim = std::fs::read_to_string(dir.join("sds-2.pid"))?.trim().parse::<i32>()?;
+    // Safety: plain kill(2) on a pid read from our own pid file.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
 
-    step(6, total, "stopping every daemon and starting the cluster again");
+    step(6, total, "reading while the cluster re-mirrors sds-2's copies from every other SDS");
+    read_back_and_compare(&uri, &back, &bytes)?;
+    wait_for_rebuild(&control).await?;
+
+    step(7, total, "verifying that both copies of every written extent are identical again");
+    verify_copies(&control, &cfg).await?;
+
+    step(8, total, "stopping every daemon and starting the cluster again (sds-2 returns and rejoins empty)");
     local::down(dir)?;
     let restart = UpArgs { sds: None, ..args };
     local::up(&restart).await?;
 
-    step(7, total, "reading the volume after the restart and comparing again");
+    step(9, total, "reading the volume after the restart and verifying both copies");
     read_back_and_compare(&uri, &back, &bytes)?;
-    eprintln!("demo finished in {:.1} s: every acknowledged byte read back intact", started.elapsed().as_secs_f64());
+    verify_copies(&control, &cfg).await?;
+    eprintln!(
+        "demo finished in {:.1} s: every acknowledged byte survived the loss of a node and a full restart",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+async fn verify_copies(control: &ControlClient, cfg: &crate::config::ClientConfig) -> anyhow::Result<()> {
+    let report = tessera_sdc::verify::verify_volume(control, &cfg.secret()?, DEMO_VOLUME).await?;
+    if !report.mismatches.is_empty() {
+        bail!("{} extent(s) differ between copies", report.mismatches.len());
+    }
+    eprintln!("      {} extents checked on both copies: identical", report.extents_checked);
+    Ok(())
+}
+
+/// Waits until the loss is seen and every PG has two complete copies again, printing progress.
+async fn wait_for_rebuild(control: &ControlClient) -> anyhow::Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen_loss = false;
+    loop {
+        let s = control.status().await?;
+        let healthy = s.pgs.healthy_pgs == s.pgs.total_pgs && s.rebuild.pgs_rebuilding == 0;
+        let declared = s.sdss.iter().any(|x| x.name == "sds-2" && x.membership == "removed");
+        if declared && !seen_loss {
+            seen_loss = true;
+            eprintln!(
+                "      sds-2 declared down: {} PGs degraded, {} re-mirroring",
+                s.pgs.degraded_pgs, s.rebuild.pgs_rebuilding
+            );
+        }
+        if seen_loss && healthy {
+            eprintln!("      rebuilt: all {} PGs have two complete copies on the 3 surviving SDSs", s.pgs.total_pgs);
+            return Ok(());
+        }
+        if seen_loss {
+            eprintln!(
+                "      {} PGs re-mirroring, {}/s",
+                s.rebuild.pgs_rebuilding,
+                tessera_core::units::format_size(s.rebuild.rate_bytes_per_sec)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not return to two copies within two minutes");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 fn read_back_and_compare(uri: &str, back: &Path, expected: &[u8]) -> anyhow::Result<()> {

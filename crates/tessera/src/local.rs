@@ -164,6 +164,9 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
         ));
     }
     let socket = dir.join(format!("{LOCAL_SDC}.sock"));
+    // A socket file left by the previous run would pass the readiness check below before the
+    // new SDC has bound it.
+    let _ = std::fs::remove_file(&socket);
     pids.push((
         LOCAL_SDC.to_string(),
         spawn_daemon(
