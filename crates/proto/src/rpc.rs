@@ -50,22 +50,30 @@ pub struct Reply {
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Reply>>>;
 
+/// Bytes of whole frames waiting to be written. Callers append under a short lock (no
+/// await); the writer task takes everything queued and writes it at once, so requests issued
+/// together — a burst of NBD requests, say — leave in one syscall instead of one each.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+}
+
 struct Shared {
     addr: String,
-    writer: tokio::sync::Mutex<BufWriter<OwnedWriteHalf>>,
+    outbox: Arc<Mutex<Outbox>>,
+    outbox_ready: Arc<tokio::sync::Notify>,
     pending: Arc<Pending>,
     closed: Arc<AtomicBool>,
     next_request_id: AtomicU64,
-    /// Callers queued for or holding the writer. The last one out flushes, so requests
-    /// issued together leave in one write instead of one syscall each.
-    writers_waiting: std::sync::atomic::AtomicUsize,
     inflight: Semaphore,
     reader_task: tokio::task::JoinHandle<()>,
+    writer_task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         self.reader_task.abort();
+        self.writer_task.abort();
     }
 }
 
@@ -89,16 +97,21 @@ impl RpcClient {
         let pending: Arc<Pending> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let reader_task = tokio::spawn(read_replies(read_half, pending.clone(), closed.clone()));
+        let outbox: Arc<Mutex<Outbox>> = Arc::default();
+        let outbox_ready = Arc::new(tokio::sync::Notify::new());
+        let writer_task =
+            tokio::spawn(write_requests(write_half, outbox.clone(), outbox_ready.clone(), closed.clone()));
         Ok(RpcClient {
             shared: Arc::new(Shared {
                 addr: addr.to_string(),
-                writer: tokio::sync::Mutex::new(BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half)),
+                outbox,
+                outbox_ready,
                 pending,
                 closed,
                 next_request_id: AtomicU64::new(1),
-                writers_waiting: Default::default(),
                 inflight: Semaphore::new(MAX_INFLIGHT_PER_CONNECTION),
                 reader_task,
+                writer_task,
             }),
         })
     }
@@ -126,29 +139,15 @@ impl RpcClient {
         let (tx, rx) = oneshot::channel();
         s.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(request_id, tx);
         let header = FrameHeader { kind, request_id, payload_len: payload_len as u32, status: 0 };
-        let send = async {
-            let mut turn = WriterTurn::enter(&self.shared);
-            let mut w = s.writer.lock().await;
-            let mut result = w.write_all(&header.encode()).await;
+        {
+            let mut out = s.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            out.bytes.extend_from_slice(&header.encode());
             for p in parts {
-                if result.is_ok() {
-                    result = w.write_all(p).await;
-                }
+                out.bytes.extend_from_slice(p);
             }
-            // Flush unless another caller is queued behind us: it will flush for both.
-            if turn.leave() && result.is_ok() {
-                result = w.flush().await;
-            }
-            result
-        };
-        let outcome = tokio::time::timeout(timeout, async {
-            if send.await.is_err() {
-                s.closed.store(true, Ordering::Release);
-                return Err(disconnected());
-            }
-            rx.await.map_err(|_| disconnected())
-        })
-        .await;
+        }
+        s.outbox_ready.notify_one();
+        let outcome = tokio::time::timeout(timeout, async { rx.await.map_err(|_| disconnected()) }).await;
         match outcome {
             Ok(result) => result,
             Err(_) => {
@@ -159,34 +158,36 @@ impl RpcClient {
     }
 }
 
-/// A caller's place in the writer queue. Leaving reports whether it was the last one (and
-/// so must flush). A caller cancelled while queued (its call timed out) still leaves on
-/// drop, and if it was the last, flushes in the background, so bytes an earlier caller left
-/// in the buffer for it are never stranded.
-struct WriterTurn {
-    shared: Arc<Shared>,
-    left: bool,
-}
-
-impl WriterTurn {
-    fn enter(shared: &Arc<Shared>) -> WriterTurn {
-        shared.writers_waiting.fetch_add(1, Ordering::AcqRel);
-        WriterTurn { shared: shared.clone(), left: false }
-    }
-
-    fn leave(&mut self) -> bool {
-        self.left = true;
-        self.shared.writers_waiting.fetch_sub(1, Ordering::AcqRel) == 1
-    }
-}
-
-impl Drop for WriterTurn {
-    fn drop(&mut self) {
-        if !self.left && self.leave() {
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                let _ = shared.writer.lock().await.flush().await;
-            });
+/// Writes whatever callers queued, as one write per wake-up. On a write error the
+/// connection is marked closed and the reader's waiters are failed by its shutdown.
+async fn write_requests(
+    write_half: OwnedWriteHalf,
+    outbox: Arc<Mutex<Outbox>>,
+    ready: Arc<tokio::sync::Notify>,
+    closed: Arc<AtomicBool>,
+) {
+    let mut w = write_half;
+    let mut batch: Vec<u8> = Vec::new();
+    loop {
+        ready.notified().await;
+        loop {
+            {
+                let mut out = outbox.lock().unwrap_or_else(|p| p.into_inner());
+                std::mem::swap(&mut out.bytes, &mut batch);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            if w.write_all(&batch).await.is_err() {
+                closed.store(true, Ordering::Release);
+                let _ = w.shutdown().await;
+                return;
+            }
+            batch.clear();
+            // Keep the buffer for reuse, but do not hold on to a huge one after a big write.
+            if batch.capacity() > 4 * SOCKET_BUFFER_BYTES {
+                batch = Vec::new();
+            }
         }
     }
 }

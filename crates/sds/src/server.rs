@@ -31,7 +31,7 @@ pub struct SdsState {
     pub control: ControlClient,
     pub map: RwLock<Arc<MapView>>,
     pub devices: RwLock<HashMap<u64, Arc<Device>>>,
-    peers: tokio::sync::Mutex<HashMap<u64, RpcClient>>,
+    peers: Mutex<HashMap<u64, RpcClient>>,
     locks: Arc<RangeLocks>,
     /// SDSs this one forwarded writes to since its last flush: a client FLUSH must make
     /// those copies durable too.
@@ -70,7 +70,7 @@ impl SdsState {
             control,
             map: RwLock::new(Arc::new(MapView::default())),
             devices: RwLock::new(HashMap::new()),
-            peers: tokio::sync::Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             locks: Arc::new(RangeLocks::default()),
             forwarded_since_flush: Mutex::new(HashSet::new()),
             refresh: Notify::new(),
@@ -126,9 +126,10 @@ impl SdsState {
         self.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
+    /// A connection to a peer SDS. The table lock is never held across a connect: a peer
+    /// that accepts but never answers (paused) must not hold up forwards to the others.
     pub async fn peer(&self, sds_id: u64) -> Result<RpcClient, u32> {
-        let mut peers = self.peers.lock().await;
-        if let Some(c) = peers.get(&sds_id) {
+        if let Some(c) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&sds_id) {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
@@ -136,8 +137,16 @@ impl SdsState {
         let addr = self.map().sds_addresses.get(&sds_id).cloned().ok_or(status::REPLICA_UNAVAILABLE)?;
         match RpcClient::connect(&addr, &self.secret).await {
             Ok(c) => {
-                peers.insert(sds_id, c.clone());
-                Ok(c)
+                // Two callers may race to connect; either connection works, keep one.
+                let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+                let kept = match peers.get(&sds_id) {
+                    Some(existing) if !existing.is_closed() => existing.clone(),
+                    _ => {
+                        peers.insert(sds_id, c.clone());
+                        c
+                    }
+                };
+                Ok(kept)
             }
             Err(e) => {
                 tracing::warn!(sds_id, %addr, "cannot reach peer SDS: {e}");

@@ -81,7 +81,11 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
         })
         .await?;
     control
-        .execute(Command::MapVolume { volume: DEMO_VOLUME.into(), sdc: local::LOCAL_SDC.into(), allow_multi_map: false })
+        .execute(Command::MapVolume {
+            volume: DEMO_VOLUME.into(),
+            sdc: local::LOCAL_SDC.into(),
+            allow_multi_map: false,
+        })
         .await?;
     let uri = format!("nbd+unix:///{DEMO_VOLUME}?socket={}", dir.join(format!("{}.sock", local::LOCAL_SDC)).display());
     eprintln!("      NBD URI: {uri}");
