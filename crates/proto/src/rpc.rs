@@ -199,10 +199,7 @@ async fn read_replies(read_half: OwnedReadHalf, pending: Arc<Pending>, closed: A
             Ok(Some(h)) if h.kind & RESPONSE_BIT != 0 => h,
             _ => break,
         };
-        let mut payload = vec![0u8; header.payload_len as usize];
-        if r.read_exact(&mut payload).await.is_err() {
-            break;
-        }
+        let Ok(payload) = read_payload(&mut r, header.payload_len).await else { break };
         let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&header.request_id);
         // A reply nobody waits for (its caller timed out) is dropped.
         if let Some(tx) = waiter {
@@ -260,7 +257,20 @@ pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<(FrameHeader, Vec<u8>)>, FrameError> {
     let Some(header) = read_header(r).await? else { return Ok(None) };
-    let mut payload = vec![0u8; header.payload_len as usize];
-    r.read_exact(&mut payload).await?;
+    let payload = read_payload(r, header.payload_len).await?;
     Ok(Some((header, payload)))
+}
+
+/// Reads exactly `len` bytes into a new buffer without zero-filling it first (the length
+/// was checked against `MAX_PAYLOAD_BYTES` when the header was decoded).
+async fn read_payload<R: tokio::io::AsyncRead + Unpin>(r: &mut R, len: u32) -> std::io::Result<Vec<u8>> {
+    let len = len as usize;
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        let remaining = (len - payload.len()) as u64;
+        if (&mut *r).take(remaining).read_buf(&mut payload).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(payload)
 }
