@@ -217,7 +217,13 @@ async fn run_job(sds: &Arc<SdsState>, key: JobKey, device_id: u64, progress: &Jo
             })
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("reading the source copy: {e}"))?;
+            .map_err(|e| {
+                // The copy being read is the PG's complete one: a device that cannot serve it
+                // must be reported, or the PG would wait on it forever (found by the
+                // simulator, seed 151).
+                sds.report_device_failure(device_id);
+                format!("reading the source copy: {e}")
+            })?;
             call(kind::WRITE, header(k.volume_id, k.extent_index, extent_size), data).await?;
             progress.bytes_copied.fetch_add(u64::from(extent_size), Ordering::Relaxed);
         } else {

@@ -96,7 +96,7 @@ impl SdsState {
     }
 
     /// Reports a device that failed an IO to the MDM, once; the MDM re-peers its PGs.
-    fn report_device_failure(self: &Arc<Self>, device_id: u64) {
+    pub fn report_device_failure(self: &Arc<Self>, device_id: u64) {
         if !self.failed_devices.lock().unwrap_or_else(|p| p.into_inner()).insert(device_id) {
             return;
         }

@@ -742,6 +742,12 @@ impl World {
                     Some(d) if !d.failed && self.sdss[&id].open_devices.contains(&device_id) => {
                         d.store.keys().copied().filter(|&(v, e)| pg_of_extent(v, e, PG_COUNT) == job.1).collect()
                     }
+                    Some(d) if d.failed && self.sdss[&id].open_devices.contains(&device_id) => {
+                        // As the daemon's back-fill: a source copy that cannot be read is a
+                        // failed device, reported so the PG moves on (seed 151).
+                        self.report_device_failure(id, device_id);
+                        return self.backfill_end(id, job, "source device failed");
+                    }
                     _ => return self.backfill_end(id, job, "source device unusable"),
                 };
                 let stale = keys.into_iter().filter(|k| local.binary_search(k).is_err());

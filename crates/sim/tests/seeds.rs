@@ -78,3 +78,10 @@ fn seed_20_move_whose_target_dies_is_cancelled() {
 fn seed_36_no_move_onto_an_sds_of_the_pg() {
     assert_seed_passes(36);
 }
+
+/// A primary whose device failed silently kept trying to back-fill from it and never reported
+/// it, so its PGs never settled (fixed in `crates/sds/src/rebuild.rs`).
+#[test]
+fn seed_151_unreadable_backfill_source_is_reported_failed() {
+    assert_seed_passes(151);
+}
