@@ -11,6 +11,8 @@ pub mod names;
 pub mod placement;
 pub mod rebalance;
 pub mod recovery;
+#[cfg(test)]
+mod testkit;
 pub mod units;
 
 pub use command::{Command, CommandOutcome};

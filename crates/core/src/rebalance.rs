@@ -203,42 +203,15 @@ fn stays_with_leaving(stays: &[Replica], from: &Replica) -> Vec<Replica> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::{self, ok};
     use crate::units::GIB;
 
-    fn ok(s: &mut ClusterState, c: Command) -> u64 {
-        s.apply(&c).unwrap_or_else(|e| panic!("{c:?}: {e}")).id
-    }
-
     fn add_sds(s: &mut ClusterState, i: u64) {
-        ok(
-            s,
-            Command::AddSds {
-                name: format!("s{i}"),
-                pd: "pd".into(),
-                fault_set: None,
-                data_address: format!("127.0.0.1:{}", 9000 + i),
-            },
-        );
-        let d = ok(s, Command::AddDevice { sds: format!("s{i}"), pool: "p".into(), path: "/d".into() });
-        ok(s, Command::DeviceReady { device_id: d, capacity_bytes: 10 * GIB });
+        testkit::add_sds(s, i, false);
     }
 
     fn cluster_with_volume(n: u64) -> ClusterState {
-        let mut s = ClusterState::default();
-        ok(&mut s, Command::CreateProtectionDomain { name: "pd".into() });
-        ok(
-            &mut s,
-            Command::CreatePool {
-                pd: "pd".into(),
-                name: "p".into(),
-                extent_size_bytes: DEFAULT_EXTENT_SIZE_BYTES,
-                pg_count: 64,
-                spare_percent: 20,
-            },
-        );
-        for i in 0..n {
-            add_sds(&mut s, i);
-        }
+        let mut s = testkit::cluster(n, false);
         ok(
             &mut s,
             Command::CreateVolume {

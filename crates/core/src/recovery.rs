@@ -235,43 +235,8 @@ pub fn liveness_commands(state: &ClusterState, lease: impl Fn(u64) -> LeaseStatu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::GIB;
+    use crate::testkit::cluster;
     use crate::Command;
-
-    fn cluster(sds_count: u64, fault_sets: bool) -> ClusterState {
-        let mut s = ClusterState::default();
-        let ok = |s: &mut ClusterState, c: Command| s.apply(&c).unwrap_or_else(|e| panic!("{c:?}: {e}")).id;
-        ok(&mut s, Command::CreateProtectionDomain { name: "pd".into() });
-        if fault_sets {
-            for f in 0..3 {
-                ok(&mut s, Command::CreateFaultSet { pd: "pd".into(), name: format!("fs{f}") });
-            }
-        }
-        ok(
-            &mut s,
-            Command::CreatePool {
-                pd: "pd".into(),
-                name: "p".into(),
-                extent_size_bytes: DEFAULT_EXTENT_SIZE_BYTES,
-                pg_count: 64,
-                spare_percent: 20,
-            },
-        );
-        for i in 0..sds_count {
-            ok(
-                &mut s,
-                Command::AddSds {
-                    name: format!("s{i}"),
-                    pd: "pd".into(),
-                    fault_set: fault_sets.then(|| format!("fs{}", i % 3)),
-                    data_address: format!("127.0.0.1:{}", 9000 + i),
-                },
-            );
-            let d = ok(&mut s, Command::AddDevice { sds: format!("s{i}"), pool: "p".into(), path: "/d".into() });
-            ok(&mut s, Command::DeviceReady { device_id: d, capacity_bytes: 10 * GIB });
-        }
-        s
-    }
 
     fn check_invariants(s: &ClusterState) {
         for pool in s.pools.values() {
