@@ -28,12 +28,20 @@ pub struct StatusInputs<'a> {
 pub fn pg_counts(state: &ClusterState, alive: &dyn Fn(u64) -> bool) -> PgCounts {
     let mut pgs = PgCounts::default();
     for pool in state.pools.values() {
-        add_pool_pgs(&mut pgs, pool, alive);
+        add_pool_pgs(&mut pgs, state, pool, alive);
     }
     pgs
 }
 
-fn add_pool_pgs(pgs: &mut PgCounts, pool: &tessera_core::StoragePool, alive: &dyn Fn(u64) -> bool) {
+/// Counts a pool's PGs by how many complete copies sit on a live SDS and a device that has
+/// not failed (a copy kept on a failed device because it was the last complete one serves
+/// nothing).
+fn add_pool_pgs(
+    pgs: &mut PgCounts,
+    state: &ClusterState,
+    pool: &tessera_core::StoragePool,
+    alive: &dyn Fn(u64) -> bool,
+) {
     {
         pgs.total_pgs += u64::from(pool.pg_count);
         if pool.pgs.is_empty() {
@@ -41,7 +49,8 @@ fn add_pool_pgs(pgs: &mut PgCounts, pool: &tessera_core::StoragePool, alive: &dy
             return;
         }
         for pg in &pool.pgs {
-            let live_complete = pg.in_sync().filter(|r| alive(r.sds_id)).count();
+            let device_ok = |d: u64| state.devices.get(&d).is_some_and(|d| d.state != DeviceState::Failed);
+            let live_complete = pg.in_sync().filter(|r| alive(r.sds_id) && device_ok(r.device_id)).count();
             if live_complete == 0 {
                 pgs.unavailable_pgs += 1;
             } else if live_complete < REPLICA_COUNT {
@@ -112,7 +121,7 @@ pub fn cluster_status(i: StatusInputs<'_>) -> ClusterStatus {
             .values()
             .map(|p| {
                 let mut pgs = PgCounts::default();
-                add_pool_pgs(&mut pgs, p, &alive);
+                add_pool_pgs(&mut pgs, s, p, &alive);
                 let used_bytes = s
                     .devices_of_pool(p.id)
                     .map(|d| i.used_extents_by_device.get(&d.id).copied().unwrap_or(0) * u64::from(p.extent_size_bytes))
