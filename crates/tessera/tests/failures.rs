@@ -382,9 +382,17 @@ fn check_reads_with_losses(c: &Cluster, mdm: &Mdm, volume: &str, dead: &[u64], e
 // 1, 2: an SDS crash under writes
 
 /// The fio job of the crash tests: random 16 KiB writes with crc32c headers, then a read
-/// pass that checks every block.
-const CRASH_JOB: &[&str] =
-    &["--rw=randwrite", "--bs=16k", "--iodepth=16", "--size=384M", "--verify=crc32c", "--do_verify=1"];
+/// pass that checks every block. Rate-limited so the write phase lasts about 6 s however
+/// fast the data path is: the kill must land while writes are in flight.
+const CRASH_JOB: &[&str] = &[
+    "--rw=randwrite",
+    "--bs=16k",
+    "--iodepth=16",
+    "--size=384M",
+    "--rate_iops=4000",
+    "--verify=crc32c",
+    "--do_verify=1",
+];
 const CRASH_JOB_BYTES: u64 = 384 * MIB;
 
 /// Runs [`CRASH_JOB`] on a fresh volume of `c`, SIGKILLs `victim` ~3 s into it, and checks
