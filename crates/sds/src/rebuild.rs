@@ -105,7 +105,9 @@ pub async fn scheduler(sds: Arc<SdsState>) {
         for (&pool_id, pool) in &map.pools {
             for (pg_id, pg) in pool.pgs.iter().enumerate() {
                 let Some(primary) = pg.replicas.first() else { continue };
-                if primary.sds_id != map.sds_id {
+                // A primary copy on a device that is not open (failed, kept only because it
+                // was the PG's last complete copy) has nothing to copy from.
+                if primary.sds_id != map.sds_id || sds.device(primary.device_id).is_none() {
                     continue;
                 }
                 for &target in &pg.syncing {
