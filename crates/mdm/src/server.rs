@@ -346,6 +346,8 @@ async fn serve_connection(mdm: Arc<Mdm>, mut stream: TcpStream, peer: SocketAddr
     let (read_half, write_half) = stream.into_split();
     let replies = spawn_response_writer(write_half);
     let mut reader = tokio::io::BufReader::new(read_half);
+    // Bounds the requests one connection has in progress (and the memory it can pin).
+    let slots = Arc::new(Semaphore::new(tessera_proto::rpc::MAX_INFLIGHT_PER_CONNECTION));
     loop {
         let (header, payload) = match read_request(&mut reader).await {
             Ok(Some(r)) => r,
@@ -359,9 +361,11 @@ async fn serve_connection(mdm: Arc<Mdm>, mut stream: TcpStream, peer: SocketAddr
             let _ = replies.send(OutFrame::reply(&header, status::UNKNOWN_KIND, Vec::new())).await;
             continue;
         }
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let mdm = mdm.clone();
         let replies = replies.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let response = if payload.len() > MAX_CONTROL_REQUEST_BYTES {
                 ControlResponse::Error(ControlError::BadRequest("request too large".into()))
             } else {
