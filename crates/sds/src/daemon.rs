@@ -203,6 +203,26 @@ async fn map_watcher(sds: Arc<SdsState>, watch_client: ControlClient) {
     }
 }
 
+/// How often every open device is probed for latent failure.
+pub const DEVICE_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Probes each open device now and then: a device that fails while no IO reaches it (an
+/// idle SDS, a copy only ever written) is reported before the PG needs it.
+async fn probe_devices(sds: Arc<SdsState>) {
+    loop {
+        tokio::time::sleep(DEVICE_PROBE_INTERVAL).await;
+        let devices: Vec<Arc<Device>> =
+            sds.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for dev in devices {
+            let d = dev.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || d.probe()).await {
+                tracing::error!(device_id = dev.device_id(), "device probe failed: {e}");
+                sds.report_device_failure(dev.device_id());
+            }
+        }
+    }
+}
+
 /// Renews the lease every interval and follows map changes. The lease is extended only
 /// once this SDS's map is at least as new as the state the MDM acknowledged, so it never
 /// serves on a map older than the one current when its lease was granted.
@@ -268,6 +288,7 @@ pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
     tokio::spawn(heartbeat_loop(sds.clone(), heartbeat_client, me.id));
     tokio::spawn(map_watcher(sds.clone(), ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone())));
     tokio::spawn(crate::rebuild::scheduler(sds.clone()));
+    tokio::spawn(probe_devices(sds.clone()));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

@@ -28,6 +28,7 @@ use crate::world::{
 };
 
 pub const HEARTBEAT_INTERVAL_MS: u64 = tessera_core::lease::DEFAULT_HEARTBEAT_INTERVAL_MS;
+pub const DEVICE_PROBE_INTERVAL_MS: u64 = tessera_sds::daemon::DEVICE_PROBE_INTERVAL.as_millis() as u64;
 pub const PEER_CALL_TIMEOUT_MS: u64 = tessera_sds::server::PEER_CALL_TIMEOUT.as_millis() as u64;
 /// A control call (heartbeat client: `retry_for` one heartbeat interval; others retry
 /// longer in the daemon — here one attempt with this timeout).
@@ -150,6 +151,7 @@ impl World {
         self.timer(id, inc, 1, Timer::Heartbeat);
         self.timer(id, inc, 1, Timer::LongPoll);
         self.timer(id, inc, SCHEDULER_INTERVAL_MS, Timer::Scheduler);
+        self.timer(id, inc, DEVICE_PROBE_INTERVAL_MS, Timer::DeviceProbe);
     }
 
     pub fn sds_crash(&mut self, id: u64) {
@@ -182,6 +184,16 @@ impl World {
             Timer::Scheduler => {
                 self.backfill_scheduler(id);
                 self.timer(id, inc, SCHEDULER_INTERVAL_MS, Timer::Scheduler);
+            }
+            Timer::DeviceProbe => {
+                // A device that failed while no IO reached it is found by the probe.
+                let open: Vec<u64> = self.sdss[&id].open_devices.iter().copied().collect();
+                for device_id in open {
+                    if self.disks.get(&device_id).is_some_and(|d| d.failed) {
+                        self.report_device_failure(id, device_id);
+                    }
+                }
+                self.timer(id, inc, DEVICE_PROBE_INTERVAL_MS, Timer::DeviceProbe);
             }
             Timer::ReadDone { client_node, rpc, value } => {
                 // The lease may have lapsed while the read ran (a paused process): data read

@@ -115,6 +115,8 @@ pub type JobKey = (u64, u32, u64, u64);
 pub enum Timer {
     Heartbeat,
     Scheduler,
+    /// Probe every open device (as the daemon's `probe_devices`).
+    DeviceProbe,
     LongPoll,
     RpcTimeout(u64),
     /// A read's device access finished: re-check the lease and reply.

@@ -85,3 +85,10 @@ fn seed_36_no_move_onto_an_sds_of_the_pg() {
 fn seed_151_unreadable_backfill_source_is_reported_failed() {
     assert_seed_passes(151);
 }
+
+/// A device that failed while no IO reached it stayed in service forever, so the PGs whose
+/// primary it held never healed (fixed by the daemon's periodic device probe).
+#[test]
+fn seed_695_idle_failed_device_is_found_by_the_probe() {
+    assert_seed_passes(695);
+}
