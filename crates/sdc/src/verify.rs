@@ -34,6 +34,9 @@ pub struct Mismatch {
 pub struct VerifyReport {
     pub volume: String,
     pub extents_checked: u64,
+    /// Checked extents whose PG has only one complete copy right now (degraded or being
+    /// rebuilt): there was nothing to compare them with.
+    pub extents_with_one_copy: u64,
     pub mismatches: Vec<Mismatch>,
 }
 
@@ -48,11 +51,12 @@ pub async fn verify_volume(
 ) -> anyhow::Result<VerifyReport> {
     let mut pending: Option<BTreeSet<u64>> = None;
     let mut settled: Vec<Mismatch> = Vec::new();
-    let mut checked = 0u64;
+    let (mut checked, mut one_copy) = (0u64, 0u64);
     for pass in 0..VERIFY_PASSES {
-        let (round_checked, round) = verify_pass(control, secret, volume_name, pending.as_ref()).await?;
+        let (round_checked, round_one_copy, round) =
+            verify_pass(control, secret, volume_name, pending.as_ref()).await?;
         if pass == 0 {
-            checked = round_checked;
+            (checked, one_copy) = (round_checked, round_one_copy);
         }
         let (unanswered, differing): (Vec<Mismatch>, Vec<Mismatch>) =
             round.into_iter().partition(|m| m.copies.iter().any(|c| c.crc32c.is_none()));
@@ -65,7 +69,12 @@ pub async fn verify_volume(
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     settled.sort_by_key(|m| m.extent_index);
-    Ok(VerifyReport { volume: volume_name.to_string(), extents_checked: checked, mismatches: settled })
+    Ok(VerifyReport {
+        volume: volume_name.to_string(),
+        extents_checked: checked,
+        extents_with_one_copy: one_copy,
+        mismatches: settled,
+    })
 }
 
 /// One pass over the volume's allocated extents (or only `only`, when given).
@@ -74,7 +83,7 @@ async fn verify_pass(
     secret: &ClusterSecret,
     volume_name: &str,
     only: Option<&BTreeSet<u64>>,
-) -> anyhow::Result<(u64, Vec<Mismatch>)> {
+) -> anyhow::Result<(u64, u64, Vec<Mismatch>)> {
     let view = control.state().await?;
     let state = view.state;
     let volume =
@@ -110,6 +119,14 @@ async fn verify_pass(
     if let Some(only) = only {
         extents.retain(|e| only.contains(e));
     }
+    let one_copy = extents
+        .iter()
+        .filter(|&&e| {
+            pool.pgs
+                .get(pg_of_extent(volume.id, e, pool.pg_count) as usize)
+                .is_some_and(|pg| pg.in_sync().count() < tessera_core::REPLICA_COUNT)
+        })
+        .count() as u64;
     let conns = Arc::new(conns);
     let mut tasks = tokio::task::JoinSet::new();
     let mut mismatches = Vec::new();
@@ -164,7 +181,7 @@ async fn verify_pass(
         checked += 1;
         record(&mut mismatches, r?);
     }
-    Ok((checked, mismatches))
+    Ok((checked, one_copy, mismatches))
 }
 
 fn record(mismatches: &mut Vec<Mismatch>, (extent_index, pg_id, copies, same): (u64, u32, Vec<CopyChecksum>, bool)) {

@@ -455,6 +455,12 @@ impl Admin {
                         "volume {name}: {} allocated extent(s) checked, both copies identical",
                         report.extents_checked
                     );
+                    if report.extents_with_one_copy > 0 {
+                        println!(
+                            "volume {name}: {} of them have a single complete copy right now (degraded or rebuilding)",
+                            report.extents_with_one_copy
+                        );
+                    }
                 } else {
                     for m in &report.mismatches {
                         let copies: Vec<String> = m
