@@ -66,7 +66,11 @@ impl FaultyDisk {
 
 impl Drop for FaultyDisk {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.mount).status();
+        // A process that still has the file open makes a plain unmount fail: detach lazily then.
+        let unmounted = Command::new("fusermount3").arg("-u").arg(&self.mount).status().is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        }
         let _ = self.nbdfuse.kill();
         let _ = self.nbdfuse.wait();
         let _ = self.nbdkit.kill();
