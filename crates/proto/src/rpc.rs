@@ -50,6 +50,29 @@ pub struct Reply {
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Reply>>>;
 
+/// A request sent and not yet answered. Dropping it (a timeout, an abandoned wait) forgets
+/// the request, so a peer that never answers leaves nothing behind, and frees its
+/// in-flight slot.
+pub struct PendingReply {
+    shared: Arc<Shared>,
+    request_id: u64,
+    rx: oneshot::Receiver<Reply>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl PendingReply {
+    /// The reply. Cancel-safe: may be polled again after another branch of a `select!` won.
+    pub async fn wait(&mut self) -> Result<Reply, RpcError> {
+        (&mut self.rx).await.map_err(|_| RpcError::Disconnected(self.shared.addr.clone()))
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.request_id);
+    }
+}
+
 /// Bytes of whole frames waiting to be written. Callers append under a short lock (no
 /// await); the writer task takes everything queued and writes it at once, so requests issued
 /// together — a burst of NBD requests, say — leave in one syscall instead of one each.
@@ -65,7 +88,7 @@ struct Shared {
     pending: Arc<Pending>,
     closed: Arc<AtomicBool>,
     next_request_id: AtomicU64,
-    inflight: Semaphore,
+    inflight: Arc<Semaphore>,
     reader_task: tokio::task::JoinHandle<()>,
     writer_task: tokio::task::JoinHandle<()>,
 }
@@ -109,7 +132,7 @@ impl RpcClient {
                 pending,
                 closed,
                 next_request_id: AtomicU64::new(1),
-                inflight: Semaphore::new(MAX_INFLIGHT_PER_CONNECTION),
+                inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_PER_CONNECTION)),
                 reader_task,
                 writer_task,
             }),
@@ -127,9 +150,19 @@ impl RpcClient {
 
     /// Sends one request made of `parts` (concatenated on the wire) and waits for its reply.
     pub async fn call(&self, kind: u16, parts: &[&[u8]], timeout: Duration) -> Result<Reply, RpcError> {
+        let mut pending = self.start(kind, parts).await?;
+        match tokio::time::timeout(timeout, pending.wait()).await {
+            Ok(result) => result,
+            Err(_) => Err(RpcError::Timeout(self.shared.addr.clone())),
+        }
+    }
+
+    /// Sends one request and returns its reply-to-be, for callers that wait in their own way
+    /// (watching for a map change meanwhile) without a timer per request here.
+    pub async fn start(&self, kind: u16, parts: &[&[u8]]) -> Result<PendingReply, RpcError> {
         let s = &self.shared;
         let disconnected = || RpcError::Disconnected(s.addr.clone());
-        let _slot = s.inflight.acquire().await.map_err(|_| disconnected())?;
+        let slot = s.inflight.clone().acquire_owned().await.map_err(|_| disconnected())?;
         if self.is_closed() {
             return Err(disconnected());
         }
@@ -147,14 +180,7 @@ impl RpcClient {
             }
         }
         s.outbox_ready.notify_one();
-        let outcome = tokio::time::timeout(timeout, async { rx.await.map_err(|_| disconnected()) }).await;
-        match outcome {
-            Ok(result) => result,
-            Err(_) => {
-                s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request_id);
-                Err(RpcError::Timeout(s.addr.clone()))
-            }
-        }
+        Ok(PendingReply { shared: s.clone(), request_id, rx, _slot: slot })
     }
 }
 

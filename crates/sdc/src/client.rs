@@ -177,11 +177,18 @@ impl DataClient {
         }
         let header_bytes = header.encode();
         let parts: [&[u8]; 2] = [&header_bytes, data];
-        let call = conn.call(op, &parts, DATA_CALL_TIMEOUT);
-        tokio::pin!(call);
+        let mut pending = match conn.start(op, &parts).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(sds_id = primary.sds_id, "data call failed: {e}");
+                self.report_unreachable(primary.sds_id);
+                return Err(Attempt::RefreshAndRetry);
+            }
+        };
+        let sent_at = tokio::time::Instant::now();
         let reply = loop {
             tokio::select! {
-                result = &mut call => match result {
+                result = pending.wait() => match result {
                     Ok(r) => break r,
                     Err(e) => {
                         tracing::warn!(sds_id = primary.sds_id, "data call failed: {e}");
@@ -195,6 +202,11 @@ impl DataClient {
                 // map. (The client has not been acked, and issues no overlapping write while
                 // this one is pending, so re-sending it is safe.)
                 _ = tokio::time::sleep(STALL_CHECK_INTERVAL) => {
+                    if sent_at.elapsed() > DATA_CALL_TIMEOUT {
+                        tracing::warn!(sds_id = primary.sds_id, "data call timed out");
+                        self.report_unreachable(primary.sds_id);
+                        return Err(Attempt::RefreshAndRetry);
+                    }
                     let seen = self.refreshes();
                     if let Err(e) = self.refresh(seen).await {
                         tracing::warn!("map refresh failed: {e}");

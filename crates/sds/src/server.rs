@@ -342,22 +342,27 @@ impl SdsState {
         let forwarded = IoHeader { flags: h.flags | flags::REPLICA, ..h };
         let header_bytes = forwarded.encode();
         let parts: [&[u8]; 2] = [&header_bytes, &payload[IO_HEADER_BYTES..]];
-        let call = peer.call(op, &parts, PEER_CALL_TIMEOUT);
-        tokio::pin!(call);
-        let result = loop {
-            tokio::select! {
-                r = &mut call => break r,
-                // A copy that stops answering is replaced once its lease runs out; when our
-                // map shows the PG moved on, stop waiting: the client retries on the new map.
-                _ = tokio::time::sleep(STALL_CHECK_INTERVAL) => {
-                    let map = self.map();
-                    let epoch = map.pools.get(&h.pool_id).and_then(|p| p.pgs.get(h.pg_id as usize)).map(|g| g.epoch);
-                    if epoch != Some(h.pg_epoch) {
-                        tracing::warn!(sds_id, pg = h.pg_id, "PG moved while a forwarded write was pending");
-                        return status::STALE_EPOCH;
+        let sent_at = Instant::now();
+        let result = match peer.start(op, &parts).await {
+            Err(e) => Err(e),
+            Ok(mut pending) => loop {
+                tokio::select! {
+                    r = pending.wait() => break r,
+                    // A copy that stops answering is replaced once its lease runs out; when our
+                    // map shows the PG moved on, stop waiting: the client retries on the new map.
+                    _ = tokio::time::sleep(STALL_CHECK_INTERVAL) => {
+                        if sent_at.elapsed() > PEER_CALL_TIMEOUT {
+                            break Err(tessera_proto::rpc::RpcError::Timeout(peer.addr().to_string()));
+                        }
+                        let map = self.map();
+                        let epoch = map.pools.get(&h.pool_id).and_then(|p| p.pgs.get(h.pg_id as usize)).map(|g| g.epoch);
+                        if epoch != Some(h.pg_epoch) {
+                            tracing::warn!(sds_id, pg = h.pg_id, "PG moved while a forwarded write was pending");
+                            return status::STALE_EPOCH;
+                        }
                     }
                 }
-            }
+            },
         };
         match result {
             Ok(reply) => {
