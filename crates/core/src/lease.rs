@@ -85,10 +85,6 @@ impl LeaseTable {
     pub fn is_alive(&self, sds_id: u64, now_ms: u64) -> bool {
         self.expires_at_ms.get(&sds_id).is_some_and(|&e| now_ms < e)
     }
-
-    pub fn forget(&mut self, sds_id: u64) {
-        self.expires_at_ms.remove(&sds_id);
-    }
 }
 
 #[cfg(test)]

@@ -277,7 +277,7 @@ pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
             .execute(Command::SetSdsAddress { name: cfg.name.clone(), data_address: cfg.listen.to_string() })
             .await?;
     }
-    let sds = Arc::new(SdsState::new(cfg.name.clone(), cfg.secret.clone(), cfg.cluster_id, control));
+    let sds = Arc::new(SdsState::new(cfg.secret.clone(), cfg.cluster_id, control));
     refresh(&sds, me.id).await.context("opening devices")?;
     tracing::info!(name = %cfg.name, id = me.id, addr = %cfg.listen, "SDS serving");
     // Heartbeats use their own connection and give up quickly: an SDS cut off from the MDM

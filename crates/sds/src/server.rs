@@ -25,7 +25,6 @@ pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct SdsState {
-    pub name: String,
     pub secret: ClusterSecret,
     pub cluster_id: [u8; 16],
     pub control: ControlClient,
@@ -62,9 +61,8 @@ fn device_status(e: &DeviceError) -> u32 {
 }
 
 impl SdsState {
-    pub fn new(name: String, secret: ClusterSecret, cluster_id: [u8; 16], control: ControlClient) -> SdsState {
+    pub fn new(secret: ClusterSecret, cluster_id: [u8; 16], control: ControlClient) -> SdsState {
         SdsState {
-            name,
             secret,
             cluster_id,
             control,
