@@ -4,6 +4,7 @@
 
 pub mod durable_file;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod server;
 pub mod state_machine;
@@ -17,7 +18,7 @@ openraft::declare_raft_types!(
         D = tessera_core::Command,
         R = tessera_core::CommandOutcome,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = membership::MdmNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,

@@ -1,67 +1,238 @@
-//! Raft transport between MDMs.
+//! Raft transport between MDMs: openraft's three RPCs as JSON in `kind::RAFT` frames, over
+//! the same authenticated connections as the control API (so MDM-to-MDM traffic proves the
+//! cluster secret like every other connection), served on each MDM's control port.
 //!
-//! With a single voter (the only mode built so far) openraft never sends a Raft RPC, so
-//! every peer is reported unreachable. The multi-MDM modes replace this with RPCs over the
-//! same authenticated frames as the control API.
+//! Outgoing connections are made from the MDM's own listen address, so a peer (and a packet
+//! filter partitioning the cluster) sees which MDM is talking.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tessera_proto::data::{kind, status};
+use tessera_proto::rpc::{RpcClient, RpcError};
+use tessera_proto::ClusterSecret;
 
-use crate::TypeConfig;
+use crate::membership::MdmNode;
+use crate::{Raft, TypeConfig};
 
 type NodeId = u64;
 
-pub struct MdmNetwork;
+/// One Raft RPC from one MDM to another.
+#[derive(Serialize, Deserialize)]
+pub enum RaftRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// The answer, including the receiving node's own Raft error.
+#[derive(Serialize, Deserialize)]
+pub enum RaftReply {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// The request could not be decoded.
+    BadRequest(String),
+}
+
+/// Serves one Raft RPC received on the control port.
+pub async fn serve_raft_request(raft: &Raft, payload: &[u8]) -> RaftReply {
+    match serde_json::from_slice::<RaftRequest>(payload) {
+        Ok(RaftRequest::AppendEntries(r)) => RaftReply::AppendEntries(raft.append_entries(r).await),
+        Ok(RaftRequest::Vote(r)) => RaftReply::Vote(raft.vote(r).await),
+        Ok(RaftRequest::InstallSnapshot(r)) => RaftReply::InstallSnapshot(raft.install_snapshot(r).await),
+        Err(e) => RaftReply::BadRequest(e.to_string()),
+    }
+}
+
+/// When this MDM last reached each peer, and the last error: what `cluster status` shows
+/// as a member's health. Only the leader talks to every member, so only its view is whole.
+#[derive(Default, Clone)]
+pub struct PeerContacts {
+    inner: Arc<Mutex<HashMap<NodeId, Contact>>>,
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct Contact {
+    pub last_ok: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+impl PeerContacts {
+    fn record(&self, target: NodeId, result: Result<(), String>) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let c = map.entry(target).or_default();
+        match result {
+            Ok(()) => {
+                c.last_ok = Some(Instant::now());
+                c.last_error = None;
+            }
+            Err(e) => c.last_error = Some(e),
+        }
+    }
+
+    pub fn get(&self, target: NodeId) -> Contact {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(&target).cloned().unwrap_or_default()
+    }
+
+    /// Answered within `window`.
+    pub fn reached_within(&self, target: NodeId, window: Duration) -> bool {
+        self.get(target).last_ok.is_some_and(|t| t.elapsed() <= window)
+    }
+}
+
+pub struct MdmNetwork {
+    pub secret: ClusterSecret,
+    /// Local address outgoing connections are made from (`None`: the kernel's choice).
+    pub bind: Option<IpAddr>,
+    pub contacts: PeerContacts,
+}
 
 pub struct PeerLink {
     target: NodeId,
+    addr: String,
+    secret: ClusterSecret,
+    bind: Option<IpAddr>,
+    conn: Option<RpcClient>,
+    contacts: PeerContacts,
 }
 
 impl RaftNetworkFactory<TypeConfig> for MdmNetwork {
     type Network = PeerLink;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerLink {
-        PeerLink { target }
+    async fn new_client(&mut self, target: NodeId, node: &MdmNode) -> PeerLink {
+        PeerLink {
+            target,
+            addr: node.addr.clone(),
+            secret: self.secret.clone(),
+            bind: self.bind,
+            conn: None,
+            contacts: self.contacts.clone(),
+        }
+    }
+}
+
+/// Why a Raft RPC did not get an answer from the peer's Raft.
+enum LinkError {
+    /// Could not connect: openraft backs off before trying again.
+    Unreachable(String),
+    /// Connected, then lost the connection or timed out: retried at once.
+    Network(String),
+}
+
+impl LinkError {
+    fn into_rpc<E: std::error::Error>(self) -> RPCError<NodeId, MdmNode, E> {
+        match self {
+            LinkError::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&std::io::Error::other(m))),
+            LinkError::Network(m) => RPCError::Network(NetworkError::new(&std::io::Error::other(m))),
+        }
     }
 }
 
 impl PeerLink {
-    fn unreachable(&self) -> Unreachable {
-        Unreachable::new(&std::io::Error::other(format!(
-            "MDM {}: no transport between MDMs in single-node mode",
-            self.target
-        )))
+    async fn call(&mut self, request: RaftRequest, ttl: Duration) -> Result<RaftReply, LinkError> {
+        let result = self.call_once(&request, ttl).await;
+        let recorded = match &result {
+            Ok(_) => Ok(()),
+            Err(LinkError::Unreachable(m) | LinkError::Network(m)) => Err(m.clone()),
+        };
+        self.contacts.record(self.target, recorded);
+        result
+    }
+
+    async fn call_once(&mut self, request: &RaftRequest, ttl: Duration) -> Result<RaftReply, LinkError> {
+        let body = serde_json::to_vec(request).map_err(|e| LinkError::Network(e.to_string()))?;
+        let conn = match &self.conn {
+            Some(c) if !c.is_closed() => c.clone(),
+            _ => {
+                let connect = RpcClient::connect_from(&self.addr, self.bind, &self.secret);
+                let c = tokio::time::timeout(ttl, connect)
+                    .await
+                    .map_err(|_| {
+                        LinkError::Unreachable(format!("connecting to MDM {} at {} timed out", self.target, self.addr))
+                    })?
+                    .map_err(|e| LinkError::Unreachable(format!("MDM {}: {e}", self.target)))?;
+                self.conn = Some(c.clone());
+                c
+            }
+        };
+        let reply = match conn.call(kind::RAFT, &[&body], ttl).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.conn = None;
+                return Err(match e {
+                    RpcError::Timeout(_) => {
+                        LinkError::Network(format!("MDM {} did not answer in {ttl:?}", self.target))
+                    }
+                    other => LinkError::Network(format!("MDM {}: {other}", self.target)),
+                });
+            }
+        };
+        if reply.status != status::OK {
+            return Err(LinkError::Network(format!(
+                "MDM {} answered status {}",
+                self.target,
+                status::name(reply.status)
+            )));
+        }
+        match serde_json::from_slice::<RaftReply>(&reply.payload) {
+            Ok(RaftReply::BadRequest(m)) => {
+                Err(LinkError::Network(format!("MDM {} refused the request: {m}", self.target)))
+            }
+            Ok(r) => Ok(r),
+            Err(e) => Err(LinkError::Network(format!("MDM {} sent a bad reply: {e}", self.target))),
+        }
+    }
+
+    fn unexpected<E: std::error::Error>(&self) -> RPCError<NodeId, MdmNode, E> {
+        LinkError::Network(format!("MDM {} answered a different RPC", self.target)).into_rpc()
     }
 }
 
 impl RaftNetwork<TypeConfig> for PeerLink {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(RPCError::Unreachable(self.unreachable()))
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MdmNode, RaftError<NodeId>>> {
+        match self.call(RaftRequest::AppendEntries(rpc), option.hard_ttl()).await {
+            Ok(RaftReply::AppendEntries(r)) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(_) => Err(self.unexpected()),
+            Err(e) => Err(e.into_rpc()),
+        }
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, MdmNode, RaftError<NodeId, InstallSnapshotError>>>
     {
-        Err(RPCError::Unreachable(self.unreachable()))
+        match self.call(RaftRequest::InstallSnapshot(rpc), option.hard_ttl()).await {
+            Ok(RaftReply::InstallSnapshot(r)) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(_) => Err(self.unexpected()),
+            Err(e) => Err(e.into_rpc()),
+        }
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(RPCError::Unreachable(self.unreachable()))
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, MdmNode, RaftError<NodeId>>> {
+        match self.call(RaftRequest::Vote(rpc), option.hard_ttl()).await {
+            Ok(RaftReply::Vote(r)) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(_) => Err(self.unexpected()),
+            Err(e) => Err(e.into_rpc()),
+        }
     }
 }

@@ -1,28 +1,31 @@
 //! The MDM daemon: openraft node + control API on an authenticated TCP port.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::BasicNode;
+use openraft::{ChangeMembers, RaftMetrics};
 use tessera_core::lease::{LeaseTable, DEFAULT_LEASE_DURATION_MS};
 use tessera_core::recovery::liveness_commands;
 use tessera_proto::auth::authenticate_server;
 use tessera_proto::control::{
-    ControlError, ControlRequest, ControlResponse, HeartbeatReply, MdmMember, RebuildProgress, StateView,
+    ControlError, ControlRequest, ControlResponse, HeartbeatReply, MdmClusterStatus, MdmIdentity, MdmMember,
+    RebuildProgress, StateView,
 };
 use tessera_proto::data::{kind, status};
-use tessera_proto::rpc::{read_request, spawn_response_writer, OutFrame};
+use tessera_proto::rpc::{read_request, spawn_response_writer, OutFrame, RpcClient};
 use tessera_proto::ClusterSecret;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::log_store::LogStore;
-use crate::network::MdmNetwork;
+use crate::membership::{self, ClusterMode, MdmNode, MdmRole, Member};
+use crate::network::{serve_raft_request, MdmNetwork, PeerContacts};
 use crate::state_machine::StateMachineStore;
 use crate::status::{cluster_status, StatusInputs};
 use crate::Raft;
@@ -39,13 +42,49 @@ pub struct MdmConfig {
     pub listen: SocketAddr,
     pub secret: ClusterSecret,
     pub lease_duration_ms: u64,
+    /// Fixed at install, as ScaleIO's `MDM_ROLE_IS_MANAGER`: a tiebreaker never campaigns
+    /// (except as a last resort, see [`Mdm::keep_role`]).
+    pub role: MdmRole,
+    /// A brand-new standby waits to be added to a cluster instead of creating its own.
+    pub standby: bool,
 }
 
 impl MdmConfig {
     pub fn new(id: u64, dir: PathBuf, listen: SocketAddr, secret: ClusterSecret) -> Self {
-        MdmConfig { id, dir, listen, secret, lease_duration_ms: DEFAULT_LEASE_DURATION_MS }
+        MdmConfig {
+            id,
+            dir,
+            listen,
+            secret,
+            lease_duration_ms: DEFAULT_LEASE_DURATION_MS,
+            role: MdmRole::Manager,
+            standby: false,
+        }
     }
 }
+
+/// Raft timing. A follower campaigns after `leader lease (= election max) + a random
+/// election timeout` without hearing from the leader: 2.1–2.8 s after a primary dies, well
+/// inside an SDS lease (6 s), so SDSs renew with the new leader before they would fence.
+const RAFT_HEARTBEAT_MS: u64 = 150;
+const RAFT_ELECTION_MIN_MS: u64 = 700;
+const RAFT_ELECTION_MAX_MS: u64 = 1400;
+/// A metadata change not committed in this time is answered `Unavailable` (it may still
+/// commit later if a quorum returns; every command is safe to retry or refused as a repeat).
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A linearizable read (leadership confirmed by a quorum) not done in this time fails.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// A member that answered the leader within this window is reachable.
+const REACHABLE_WINDOW: Duration = Duration::from_millis(2_000);
+/// A leader whose last quorum acknowledgement is older than this refuses changes at once
+/// instead of queueing entries that cannot commit.
+const QUORUM_STALE_MS: u64 = 3 * RAFT_ELECTION_MAX_MS;
+/// A tiebreaker campaigns only after this long without any leader (the surviving managers
+/// lack the latest entries, which only it holds) and then hands leadership to a manager.
+const TIEBREAKER_LAST_RESORT: Duration = Duration::from_secs(4);
+/// How long a leading tiebreaker waits for a manager to take over before trying again.
+const HANDOVER_WAIT: Duration = Duration::from_secs(4);
+const ROLE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// State only the leader needs and that is rebuilt from heartbeats after a failover, so it
 /// is not replicated: leases and device usage.
@@ -121,6 +160,10 @@ struct Mdm {
     sm: StateMachineStore,
     soft: Mutex<SoftState>,
     started: Instant,
+    contacts: PeerContacts,
+    /// Set while a leading tiebreaker hands leadership to a manager: it then takes no new
+    /// work, so that nothing it does delays the manager's election.
+    handing_over: AtomicBool,
 }
 
 impl Mdm {
@@ -128,38 +171,173 @@ impl Mdm {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn members(&self) -> (Vec<MdmMember>, Option<u64>) {
-        let m = self.raft.metrics().borrow().clone();
-        let leader = m.current_leader;
-        let members = m
-            .membership_config
-            .membership()
+    fn metrics(&self) -> RaftMetrics<u64, MdmNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Every member with its role, vote and reachability as this MDM sees them. Only the
+    /// leader hears from every member; a follower counts only itself and the leader.
+    fn member_view(&self, m: &RaftMetrics<u64, MdmNode>) -> BTreeMap<u64, Member> {
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let leading = m.current_leader == Some(self.cfg.id);
+        membership
             .nodes()
-            .map(|(id, node)| MdmMember {
+            .map(|(id, node)| {
+                let reachable = *id == self.cfg.id
+                    || if leading {
+                        self.contacts.reached_within(*id, REACHABLE_WINDOW)
+                            && m.replication.as_ref().is_some_and(|r| r.get(id).is_some_and(|l| l.is_some()))
+                    } else {
+                        Some(*id) == m.current_leader
+                    };
+                (*id, Member { node: node.clone(), voter: voters.contains(id), reachable })
+            })
+            .collect()
+    }
+
+    fn cluster_view(&self) -> MdmClusterStatus {
+        let m = self.metrics();
+        let view = self.member_view(&m);
+        let leader = m.current_leader;
+        let voters = view.values().filter(|x| x.voter).count();
+        let voters_reachable = view.values().filter(|x| x.voter && x.reachable).count();
+        let state = if leader.is_none() || voters_reachable * 2 <= voters {
+            "no_quorum"
+        } else if voters_reachable < voters || view.values().any(|x| !x.reachable) {
+            "degraded"
+        } else {
+            "normal"
+        };
+        let members = view
+            .iter()
+            .map(|(id, x)| MdmMember {
                 id: *id,
-                address: node.addr.clone(),
-                role: "manager".to_string(),
+                address: x.node.addr.clone(),
+                role: x.node.role.as_str().to_string(),
                 is_leader: Some(*id) == leader,
+                status: match (Some(*id) == leader, x.voter, x.node.role) {
+                    (true, _, _) => "primary",
+                    (false, false, _) => "standby",
+                    (false, true, MdmRole::Manager) => "secondary",
+                    (false, true, MdmRole::Tiebreaker) => "tiebreaker",
+                }
+                .to_string(),
+                voter: x.voter,
+                reachable: x.reachable,
+                matched_index: if *id == self.cfg.id {
+                    m.last_log_index
+                } else {
+                    m.replication.as_ref().and_then(|r| r.get(id).copied().flatten()).map(|l| l.index)
+                },
             })
             .collect();
-        (members, leader)
+        MdmClusterStatus {
+            mode: membership::mode_name(&view),
+            state: state.to_string(),
+            leader_id: leader,
+            voters,
+            voters_reachable,
+            members,
+        }
+    }
+
+    fn not_leader(&self) -> ControlResponse {
+        let m = self.metrics();
+        let leader = m.current_leader.filter(|l| *l != self.cfg.id);
+        let addr = leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+        ControlResponse::Error(ControlError::NotLeader { leader: addr })
+    }
+
+    /// Refuses a change at once when this leader has not heard from a quorum lately: the
+    /// entry could not commit, and queueing it would only make the client wait.
+    fn check_quorum(&self) -> Result<(), ControlError> {
+        let m = self.metrics();
+        if m.current_leader != Some(self.cfg.id) {
+            return Ok(()); // client_write answers ForwardToLeader
+        }
+        let voters = m.membership_config.membership().voter_ids().count();
+        if voters > 1 && m.millis_since_quorum_ack.is_none_or(|ms| ms > QUORUM_STALE_MS) {
+            let view = self.member_view(&m);
+            let reachable = view.values().filter(|x| x.voter && x.reachable).count();
+            return Err(ControlError::Unavailable(format!(
+                "no quorum of MDMs: {reachable} of {voters} voting members reachable; \
+                 metadata changes are refused until a member returns"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn write(&self, cmd: tessera_core::Command) -> ControlResponse {
+        if self.handing_over.load(Ordering::Acquire) {
+            return ControlResponse::Error(handing_over());
+        }
+        if let Err(refused) = self.check_quorum() {
+            return ControlResponse::Error(refused);
+        }
+        match tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await {
+            Err(_) => ControlResponse::Error(ControlError::Unavailable(format!(
+                "the change was not committed within {COMMIT_TIMEOUT:?}: no quorum of MDMs answered \
+                 (it may still apply if they return)"
+            ))),
+            Ok(Ok(resp)) => match resp.data {
+                Ok(applied) => ControlResponse::Applied(applied),
+                Err(refused) => ControlResponse::Error(ControlError::Refused(refused)),
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                ControlResponse::Error(ControlError::NotLeader { leader: f.leader_node.map(|n| n.addr) })
+            }
+            Ok(Err(e)) => ControlResponse::Error(ControlError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Confirms leadership with a quorum, so that what is read next is current.
+    async fn confirm_leadership(&self) -> Result<(), ControlError> {
+        if self.handing_over.load(Ordering::Acquire) {
+            return Err(handing_over());
+        }
+        match tokio::time::timeout(READ_TIMEOUT, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(not_leader_or_unavailable(e)),
+            Err(_) => Err(ControlError::Unavailable(format!(
+                "leadership not confirmed by a quorum of MDMs within {READ_TIMEOUT:?}"
+            ))),
+        }
     }
 
     async fn handle(&self, req: ControlRequest) -> ControlResponse {
         match req {
-            ControlRequest::Execute(cmd) => match self.raft.client_write(cmd).await {
-                Ok(resp) => match resp.data {
-                    Ok(applied) => ControlResponse::Applied(applied),
-                    Err(refused) => ControlResponse::Error(ControlError::Refused(refused)),
-                },
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    ControlResponse::Error(ControlError::NotLeader { leader: f.leader_node.map(|n| n.addr) })
+            ControlRequest::Execute(cmd) => self.write(cmd).await,
+            ControlRequest::Identity => ControlResponse::Identity(MdmIdentity {
+                id: self.cfg.id,
+                address: self.cfg.listen.to_string(),
+                role: self.cfg.role.as_str().to_string(),
+                members: self.metrics().membership_config.membership().nodes().count(),
+            }),
+            ControlRequest::LocalState => {
+                let d = self.sm.data.read().await;
+                ControlResponse::State(StateView {
+                    version: d.last_applied.map_or(0, |l| l.index),
+                    state: d.state.clone(),
+                })
+            }
+            ControlRequest::AddMdm { address, expect_id } => self.add_mdm(address, expect_id).await,
+            ControlRequest::RemoveMdm { id } => self.remove_mdm(id).await,
+            ControlRequest::SwitchClusterMode { mode, managers, tiebreakers } => {
+                self.switch_mode(&mode, managers, tiebreakers).await
+            }
+            ControlRequest::Campaign => {
+                let m = self.metrics();
+                let voter = m.membership_config.membership().voter_ids().any(|v| v == self.cfg.id);
+                if voter && self.cfg.role == MdmRole::Manager && m.current_leader != Some(self.cfg.id) {
+                    tracing::info!("asked by the leading tiebreaker to take over: campaigning");
+                    let _ = self.raft.trigger().elect().await;
                 }
-                Err(e) => ControlResponse::Error(ControlError::Unavailable(e.to_string())),
-            },
+                ControlResponse::Done
+            }
             ControlRequest::GetState => {
-                if let Err(e) = self.raft.ensure_linearizable().await {
-                    return not_leader_or_unavailable(e);
+                if let Err(refused) = self.confirm_leadership().await {
+                    return ControlResponse::Error(refused);
                 }
                 let d = self.sm.data.read().await;
                 ControlResponse::State(StateView {
@@ -168,10 +346,19 @@ impl Mdm {
                 })
             }
             ControlRequest::Status => {
-                if let Err(e) = self.raft.ensure_linearizable().await {
-                    return not_leader_or_unavailable(e);
+                // Without a quorum the status is still worth showing (which members are
+                // gone): this MDM then answers from its own view, marked `no_quorum`.
+                if let Err(refused) = self.confirm_leadership().await {
+                    let m = self.metrics();
+                    let leader_elsewhere = m.current_leader.is_some_and(|l| l != self.cfg.id);
+                    if leader_elsewhere || self.handing_over.load(Ordering::Acquire) {
+                        return ControlResponse::Error(refused);
+                    }
                 }
-                let (members, leader_id) = self.members();
+                let mut mdm = self.cluster_view();
+                if self.check_quorum().is_err() {
+                    mdm.state = "no_quorum".into();
+                }
                 let d = self.sm.data.read().await;
                 let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
                 // Only jobs for PGs still syncing count; finished ones linger until forgotten.
@@ -190,8 +377,7 @@ impl Mdm {
                     lease_duration_ms: self.cfg.lease_duration_ms,
                     now_ms: self.now_ms(),
                     used_extents_by_device: &soft.used_extents_by_device,
-                    members,
-                    leader_id,
+                    mdm,
                     rebuild_extents_remaining: remaining,
                     rebuild_bytes_copied: soft.rebuild_bytes_total,
                     rebuild_rate_bytes_per_sec: soft.rebuild_rate_bytes_per_sec(),
@@ -212,9 +398,14 @@ impl Mdm {
             }
             ControlRequest::SdsHeartbeat { sds_id, devices, rebuilds } => {
                 if !self.is_leader() {
-                    let (members, leader) = self.members();
-                    let leader_addr = members.into_iter().find(|m| Some(m.id) == leader).map(|m| m.address);
-                    return ControlResponse::Error(ControlError::NotLeader { leader: leader_addr });
+                    return self.not_leader();
+                }
+                // A lease may only be granted by a leader that a quorum still follows, and
+                // confirmed after the heartbeat was sent: then any newer leader is elected
+                // later, and waits a whole lease before declaring this SDS dead, by which
+                // time the SDS has stopped serving unless it renewed with that leader.
+                if let Err(refused) = self.confirm_leadership().await {
+                    return ControlResponse::Error(refused);
                 }
                 let d = self.sm.data.read().await;
                 if !d.state.sdss.contains_key(&sds_id) {
@@ -238,6 +429,161 @@ impl Mdm {
                 })
             }
         }
+    }
+
+    /// Asks the MDM at `address` who it is, then adds it as a standby (learner) and waits
+    /// until it has caught up with the log.
+    async fn add_mdm(&self, address: String, expect_id: Option<u64>) -> ControlResponse {
+        if !self.is_leader() {
+            return self.not_leader();
+        }
+        if let Err(refused) = self.confirm_leadership().await {
+            return ControlResponse::Error(refused);
+        }
+        let identity = match ask_identity(&address, &self.cfg.secret).await {
+            Ok(i) => i,
+            Err(e) => return bad_request(format!("cannot reach an MDM at {address}: {e}")),
+        };
+        if let Some(want) = expect_id.filter(|w| *w != identity.id) {
+            return bad_request(format!("the MDM at {address} has id {}, not {want}", identity.id));
+        }
+        let role = match MdmRole::parse(&identity.role) {
+            Ok(r) => r,
+            Err(e) => return bad_request(format!("the MDM at {address}: {e}")),
+        };
+        let node = MdmNode { addr: address.clone(), role };
+        let m = self.metrics();
+        if let Err(e) = membership::check_add(&self.member_view(&m), identity.id, &node) {
+            return bad_request(e.to_string());
+        }
+        if identity.members > 0 {
+            return bad_request(format!(
+                "the MDM at {address} (id {}) already belongs to a cluster of {} member(s); \
+                 start it with an empty directory and --standby",
+                identity.id, identity.members
+            ));
+        }
+        tracing::info!(id = identity.id, %address, %role, "adding a standby MDM");
+        match tokio::time::timeout(COMMIT_TIMEOUT * 6, self.raft.add_learner(identity.id, node, true)).await {
+            Ok(Ok(_)) => ControlResponse::Members(self.cluster_view()),
+            Ok(Err(e)) => unavailable(format!("adding MDM {}: {e}", identity.id)),
+            Err(_) => unavailable(format!("MDM {} did not catch up within {:?}", identity.id, COMMIT_TIMEOUT * 6)),
+        }
+    }
+
+    async fn remove_mdm(&self, id: u64) -> ControlResponse {
+        if !self.is_leader() {
+            return self.not_leader();
+        }
+        let m = self.metrics();
+        if let Err(e) = membership::check_remove(&self.member_view(&m), id) {
+            return bad_request(e.to_string());
+        }
+        let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+        self.change_membership(change, format!("removing MDM {id}")).await
+    }
+
+    async fn switch_mode(
+        &self,
+        mode: &str,
+        managers: Option<Vec<u64>>,
+        tiebreakers: Option<Vec<u64>>,
+    ) -> ControlResponse {
+        if !self.is_leader() {
+            return self.not_leader();
+        }
+        if let Err(refused) = self.confirm_leadership().await {
+            return ControlResponse::Error(refused);
+        }
+        let mode = match ClusterMode::parse(mode) {
+            Ok(m) => m,
+            Err(e) => return bad_request(e.to_string()),
+        };
+        // Replication progress restarts after every membership change, so a member just
+        // added may look unreachable for a heartbeat or two: retry that refusal briefly.
+        let deadline = Instant::now() + REACHABLE_WINDOW;
+        let (view, voters) = loop {
+            let view = self.member_view(&self.metrics());
+            match membership::plan_mode_switch(&view, self.cfg.id, mode, managers.as_deref(), tiebreakers.as_deref()) {
+                Ok(v) => break (view, v),
+                Err(membership::MembershipError::Unreachable { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(RAFT_HEARTBEAT_MS)).await;
+                }
+                Err(e) => return bad_request(e.to_string()),
+            }
+        };
+        let current: BTreeSet<u64> = view.iter().filter(|(_, x)| x.voter).map(|(id, _)| *id).collect();
+        if current == voters {
+            return ControlResponse::Members(self.cluster_view());
+        }
+        tracing::info!(%mode, ?voters, "switching the MDM cluster mode");
+        // Members that leave the mode stay as standbys (`retain`), as in ScaleIO.
+        self.change_membership(ChangeMembers::ReplaceAllVoters(voters), format!("switching to {mode}")).await
+    }
+
+    async fn change_membership(&self, change: ChangeMembers<u64, MdmNode>, what: String) -> ControlResponse {
+        if let Err(refused) = self.check_quorum() {
+            return ControlResponse::Error(refused);
+        }
+        match tokio::time::timeout(COMMIT_TIMEOUT * 2, self.raft.change_membership(change, true)).await {
+            Ok(Ok(_)) => ControlResponse::Members(self.cluster_view()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                ControlResponse::Error(ControlError::NotLeader { leader: f.leader_node.map(|n| n.addr) })
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                bad_request(format!("{what}: {e}"))
+            }
+            Ok(Err(e)) => unavailable(format!("{what}: {e}")),
+            Err(_) => unavailable(format!("{what}: not committed within {:?}", COMMIT_TIMEOUT * 2)),
+        }
+    }
+
+    /// Keeps this MDM's Raft behaviour in line with its role. A manager that votes may
+    /// campaign. A tiebreaker never campaigns, with one exception: when no leader has been
+    /// seen for [`TIEBREAKER_LAST_RESORT`], the surviving managers may lack entries only the
+    /// tiebreaker holds (Raft lets no one lead without them), so it campaigns, brings them up
+    /// to date as leader, and hands leadership to a caught-up manager.
+    async fn keep_role(&self, no_leader_since: &mut Option<Instant>) {
+        let m = self.metrics();
+        let voter = m.membership_config.membership().voter_ids().any(|v| v == self.cfg.id);
+        if self.cfg.role == MdmRole::Manager || !voter {
+            return;
+        }
+        if m.current_leader.is_some() {
+            *no_leader_since = None;
+        } else {
+            let since = *no_leader_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= TIEBREAKER_LAST_RESORT {
+                tracing::warn!("no MDM leader for {:?}: the tiebreaker campaigns as a last resort", since.elapsed());
+                *no_leader_since = None;
+                let _ = self.raft.trigger().elect().await;
+            }
+            return;
+        }
+        if m.current_leader != Some(self.cfg.id) {
+            return;
+        }
+        // Leading: hand over to a reachable manager that holds every entry.
+        let view = self.member_view(&m);
+        let caught_up = |id: &u64| {
+            m.replication.as_ref().and_then(|r| r.get(id).copied().flatten()).map(|l| l.index) == m.last_log_index
+        };
+        let Some((&target, member)) =
+            view.iter().find(|(id, x)| x.voter && x.reachable && x.node.role == MdmRole::Manager && caught_up(id))
+        else {
+            return;
+        };
+        tracing::info!(target, "tiebreaker leads: handing leadership to manager {target}");
+        self.handing_over.store(true, Ordering::Release);
+        // Silence: followers' leader leases run out, so they will vote for the manager.
+        self.raft.runtime_config().heartbeat(false);
+        let deadline = Instant::now() + HANDOVER_WAIT;
+        while Instant::now() < deadline && self.is_leader() {
+            let _ = ask(&member.node.addr, &self.cfg.secret, &ControlRequest::Campaign).await;
+            tokio::time::sleep(Duration::from_millis(RAFT_ELECTION_MAX_MS / 2)).await;
+        }
+        self.raft.runtime_config().heartbeat(true);
+        self.handing_over.store(false, Ordering::Release);
     }
 
     fn is_leader(&self) -> bool {
@@ -283,10 +629,13 @@ impl Mdm {
             tessera_core::rebalance::next_moves(&d.state)
         };
         for cmd in moves {
-            match self.raft.client_write(cmd.clone()).await {
-                Ok(r) if r.data.is_ok() => tracing::info!("rebalance: {cmd:?}"),
-                Ok(r) => tracing::debug!("rebalance move refused: {:?}", r.data),
-                Err(e) => tracing::warn!("rebalance move not committed: {e}"),
+            match self.write(cmd.clone()).await {
+                ControlResponse::Applied(_) => tracing::info!("rebalance: {cmd:?}"),
+                ControlResponse::Error(ControlError::Refused(e)) => tracing::debug!("rebalance move refused: {e}"),
+                other => {
+                    tracing::warn!("rebalance move not committed: {other:?}");
+                    return;
+                }
             }
         }
     }
@@ -310,10 +659,13 @@ impl Mdm {
         };
         for cmd in commands {
             tracing::warn!("failure detector: {cmd:?}");
-            match self.raft.client_write(cmd.clone()).await {
-                Ok(r) if r.data.is_ok() => tracing::info!("committed {cmd:?}"),
-                Ok(r) => tracing::warn!("{cmd:?} refused: {:?}", r.data),
-                Err(e) => tracing::warn!("{cmd:?} not committed: {e}"),
+            match self.write(cmd.clone()).await {
+                ControlResponse::Applied(_) => tracing::info!("committed {cmd:?}"),
+                ControlResponse::Error(ControlError::Refused(e)) => tracing::warn!("{cmd:?} refused: {e}"),
+                other => {
+                    tracing::warn!("{cmd:?} not committed: {other:?}");
+                    return;
+                }
             }
         }
     }
@@ -323,17 +675,59 @@ impl Mdm {
 async fn failure_detector(mdm: Arc<Mdm>) {
     loop {
         tokio::time::sleep(FAILURE_DETECTOR_INTERVAL).await;
+        if mdm.handing_over.load(Ordering::Acquire) {
+            continue;
+        }
         mdm.detect_failures().await;
         mdm.rebalance().await;
     }
 }
 
-fn not_leader_or_unavailable(e: RaftError<u64, CheckIsLeaderError<u64, BasicNode>>) -> ControlResponse {
+/// Keeps each MDM's Raft behaviour in line with its role.
+async fn role_keeper(mdm: Arc<Mdm>) {
+    let mut no_leader_since = None;
+    loop {
+        tokio::time::sleep(ROLE_CHECK_INTERVAL).await;
+        mdm.keep_role(&mut no_leader_since).await;
+    }
+}
+
+fn handing_over() -> ControlError {
+    ControlError::Unavailable("the tiebreaker is handing leadership to a manager".into())
+}
+
+fn unavailable(message: String) -> ControlResponse {
+    ControlResponse::Error(ControlError::Unavailable(message))
+}
+
+fn bad_request(message: String) -> ControlResponse {
+    ControlResponse::Error(ControlError::BadRequest(message))
+}
+
+/// One control request to one MDM (no leader following).
+async fn ask(address: &str, secret: &ClusterSecret, req: &ControlRequest) -> anyhow::Result<ControlResponse> {
+    let conn = RpcClient::connect(address, secret).await?;
+    let body = serde_json::to_vec(req)?;
+    let reply = conn.call(kind::CONTROL, &[&body], READ_TIMEOUT).await?;
+    if reply.status != status::OK {
+        anyhow::bail!("status {}", status::name(reply.status));
+    }
+    Ok(serde_json::from_slice(&reply.payload)?)
+}
+
+async fn ask_identity(address: &str, secret: &ClusterSecret) -> anyhow::Result<MdmIdentity> {
+    match ask(address, secret, &ControlRequest::Identity).await? {
+        ControlResponse::Identity(i) => Ok(i),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn not_leader_or_unavailable(e: RaftError<u64, CheckIsLeaderError<u64, MdmNode>>) -> ControlError {
     match e {
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
-            ControlResponse::Error(ControlError::NotLeader { leader: f.leader_node.map(|n| n.addr) })
+            ControlError::NotLeader { leader: f.leader_node.map(|n| n.addr) }
         }
-        other => ControlResponse::Error(ControlError::Unavailable(other.to_string())),
+        other => ControlError::Unavailable(other.to_string()),
     }
 }
 
@@ -357,7 +751,7 @@ async fn serve_connection(mdm: Arc<Mdm>, mut stream: TcpStream, peer: SocketAddr
                 return;
             }
         };
-        if header.kind != kind::CONTROL {
+        if header.kind != kind::CONTROL && header.kind != kind::RAFT {
             let _ = replies.send(OutFrame::reply(&header, status::UNKNOWN_KIND, Vec::new())).await;
             continue;
         }
@@ -366,6 +760,12 @@ async fn serve_connection(mdm: Arc<Mdm>, mut stream: TcpStream, peer: SocketAddr
         let replies = replies.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            if header.kind == kind::RAFT {
+                let reply = serve_raft_request(&mdm.raft, &payload).await;
+                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                let _ = replies.send(OutFrame::reply(&header, status::OK, body)).await;
+                return;
+            }
             let response = if payload.len() > MAX_CONTROL_REQUEST_BYTES {
                 ControlResponse::Error(ControlError::BadRequest("request too large".into()))
             } else {
@@ -381,8 +781,11 @@ async fn serve_connection(mdm: Arc<Mdm>, mut stream: TcpStream, peer: SocketAddr
 }
 
 /// Runs an MDM until the process is stopped. A brand-new MDM initialises a single-voter
-/// cluster with itself as the only member.
+/// cluster with itself as the only member, unless it is a standby waiting to be added.
 pub async fn run_mdm(cfg: MdmConfig) -> anyhow::Result<()> {
+    if !cfg.standby && cfg.role == MdmRole::Tiebreaker {
+        anyhow::bail!("a tiebreaker cannot start a cluster of its own: start it with --standby and add it");
+    }
     let raft_dir = cfg.dir.join("raft");
     let log_store =
         LogStore::open(&raft_dir).with_context(|| format!("opening the Raft log in {}", raft_dir.display()))?;
@@ -390,25 +793,41 @@ pub async fn run_mdm(cfg: MdmConfig) -> anyhow::Result<()> {
     let pristine = log_store.is_pristine().await;
     let raft_config = openraft::Config {
         cluster_name: "tessera-mdm".into(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        heartbeat_interval: RAFT_HEARTBEAT_MS,
+        election_timeout_min: RAFT_ELECTION_MIN_MS,
+        election_timeout_max: RAFT_ELECTION_MAX_MS,
+        // A tiebreaker's own timer never starts an election (see `Mdm::keep_role`).
+        enable_elect: cfg.role == MdmRole::Manager,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
     };
-    let raft = Raft::new(cfg.id, Arc::new(raft_config.validate()?), MdmNetwork, log_store, sm.clone())
+    let contacts = PeerContacts::default();
+    let bind = Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified());
+    let network = MdmNetwork { secret: cfg.secret.clone(), bind, contacts: contacts.clone() };
+    let raft = Raft::new(cfg.id, Arc::new(raft_config.validate()?), network, log_store, sm.clone())
         .await
         .context("starting Raft")?;
-    if pristine {
-        let members = BTreeMap::from([(cfg.id, BasicNode { addr: cfg.listen.to_string() })]);
+    if pristine && !cfg.standby {
+        let members = BTreeMap::from([(cfg.id, MdmNode { addr: cfg.listen.to_string(), role: cfg.role })]);
         raft.initialize(members).await.context("initialising the MDM cluster")?;
         tracing::info!(id = cfg.id, "initialised a new single-node MDM cluster");
+    } else if pristine {
+        tracing::info!(id = cfg.id, role = %cfg.role, "standby MDM waiting to be added to a cluster");
     }
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
     tracing::info!(addr = %cfg.listen, "MDM listening");
-    let mdm = Arc::new(Mdm { cfg, raft, sm, soft: Mutex::new(SoftState::default()), started: Instant::now() });
+    let mdm = Arc::new(Mdm {
+        cfg,
+        raft,
+        sm,
+        soft: Mutex::new(SoftState::default()),
+        started: Instant::now(),
+        contacts,
+        handing_over: AtomicBool::new(false),
+    });
     tokio::spawn(failure_detector(mdm.clone()));
+    tokio::spawn(role_keeper(mdm.clone()));
     let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {

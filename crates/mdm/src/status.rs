@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tessera_core::lease::{LeaseStatus, LeaseTable};
 use tessera_core::{ClusterState, DeviceState, SdsState, REPLICA_COUNT};
-use tessera_proto::control::{ClusterStatus, MdmMember, PgCounts, PoolStatus, RebuildStatus, SdsStatus};
+use tessera_proto::control::{ClusterStatus, MdmClusterStatus, PgCounts, PoolStatus, RebuildStatus, SdsStatus};
 
 pub struct StatusInputs<'a> {
     pub state: &'a ClusterState,
@@ -14,8 +14,7 @@ pub struct StatusInputs<'a> {
     pub lease_duration_ms: u64,
     pub now_ms: u64,
     pub used_extents_by_device: &'a HashMap<u64, u64>,
-    pub members: Vec<MdmMember>,
-    pub leader_id: Option<u64>,
+    pub mdm: MdmClusterStatus,
     /// Extents remaining and bytes copied over the reported back-fill jobs.
     pub rebuild_extents_remaining: u64,
     pub rebuild_bytes_copied: u64,
@@ -103,8 +102,9 @@ pub fn cluster_status(i: StatusInputs<'_>) -> ClusterStatus {
     let rate = i.rebuild_rate_bytes_per_sec;
     let eta_seconds = if pgs_rebuilding == 0 { None } else { i.rebuild_eta_seconds };
     ClusterStatus {
-        mdm_members: i.members,
-        leader_id: i.leader_id,
+        mdm_members: i.mdm.members.clone(),
+        leader_id: i.mdm.leader_id,
+        mdm: i.mdm,
         state_version: i.state_version,
         sdss,
         pgs: pg_counts(s, &alive),

@@ -36,6 +36,22 @@ pub enum ControlRequest {
     /// Long poll: answers as soon as the state version exceeds `after_version`, or after
     /// `timeout_ms` (at most `MAX_WAIT_FOR_CHANGE_MS`). Lets SDSs follow map changes at once.
     WaitForChange { after_version: u64, timeout_ms: u64 },
+    /// Who this MDM is: asked before it is added to a cluster, answered by any MDM.
+    Identity,
+    /// This MDM's own applied copy of the state, without asking the leader (it may be
+    /// behind): lets operators and tests check that members agree.
+    LocalState,
+    /// Adds the MDM at `address` as a standby member (a Raft learner); its id and role are
+    /// its own (`Identity`). `expect_id`, when given, must match.
+    AddMdm { address: String, expect_id: Option<u64> },
+    /// Removes a standby member.
+    RemoveMdm { id: u64 },
+    /// Switches to `1_node`, `3_node` or `5_node` (`scli --switch_cluster_mode`), with the
+    /// named members or, when not named, the current voters and standbys of each role.
+    SwitchClusterMode { mode: String, managers: Option<Vec<u64>>, tiebreakers: Option<Vec<u64>> },
+    /// Sent by a tiebreaker that leads (only ever as a last resort) to a caught-up manager:
+    /// start an election now and take over.
+    Campaign,
 }
 
 /// Longest a `WaitForChange` is held, well inside `CONTROL_CALL_TIMEOUT`.
@@ -67,6 +83,10 @@ pub enum ControlResponse {
     Reported,
     /// The current state version (after a `WaitForChange`).
     Version(u64),
+    Identity(MdmIdentity),
+    /// The MDM cluster after a membership change.
+    Members(MdmClusterStatus),
+    Done,
     Error(ControlError),
 }
 
@@ -85,9 +105,34 @@ pub struct HeartbeatReply {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MdmIdentity {
+    pub id: u64,
+    pub address: String,
+    /// `manager` or `tiebreaker`, fixed when the MDM was installed (`--role`).
+    pub role: String,
+    /// Members of the cluster this MDM belongs to (0 for a standby never added).
+    pub members: usize,
+}
+
+/// The MDM cluster as `scli --query_cluster` showed it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MdmClusterStatus {
+    /// `1_node`, `3_node`, `5_node`, or `custom (N voters)`.
+    pub mode: String,
+    /// `normal` (every voter reachable), `degraded` (a quorum is), or `no_quorum`.
+    pub state: String,
+    pub leader_id: Option<u64>,
+    pub voters: usize,
+    pub voters_reachable: usize,
+    pub members: Vec<MdmMember>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterStatus {
     pub mdm_members: Vec<MdmMember>,
     pub leader_id: Option<u64>,
+    #[serde(default)]
+    pub mdm: MdmClusterStatus,
     pub state_version: u64,
     pub sdss: Vec<SdsStatus>,
     pub pgs: PgCounts,
@@ -136,8 +181,21 @@ pub struct RebuildStatus {
 pub struct MdmMember {
     pub id: u64,
     pub address: String,
+    /// `manager` or `tiebreaker`.
     pub role: String,
     pub is_leader: bool,
+    /// `primary` (the leader), `secondary` (a manager voter), `tiebreaker`, or `standby`.
+    #[serde(default)]
+    pub status: String,
+    /// Votes in the current mode (standbys do not).
+    #[serde(default)]
+    pub voter: bool,
+    /// Answered the leader within the last seconds (as seen by the MDM that answered).
+    #[serde(default)]
+    pub reachable: bool,
+    /// Last Raft index this member is known to hold.
+    #[serde(default)]
+    pub matched_index: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,7 +242,7 @@ pub enum ControlError {
 pub enum ClientError {
     #[error("{0}")]
     Control(ControlError),
-    #[error("no MDM reachable: {0}")]
+    #[error("MDM cluster unavailable: {0}")]
     Unreachable(String),
     #[error("MDM sent an unexpected reply: {0}")]
     Protocol(String),

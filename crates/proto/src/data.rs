@@ -20,6 +20,8 @@ pub mod kind {
     pub const LIST_PG_EXTENTS: u16 = 8;
     /// Control-plane request (JSON), served by the MDM.
     pub const CONTROL: u16 = 100;
+    /// Raft RPC between MDMs (JSON, opaque to this crate), served on the MDM's control port.
+    pub const RAFT: u16 = 101;
 }
 
 /// Request flags.

@@ -108,7 +108,28 @@ pub struct RpcClient {
 
 impl RpcClient {
     pub async fn connect(addr: &str, secret: &ClusterSecret) -> Result<RpcClient, RpcError> {
-        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        RpcClient::connect_from(addr, None, secret).await
+    }
+
+    /// Connects from the local address `bind` (port chosen by the kernel), so that peers and
+    /// packet filters see the node's own address rather than whatever the route picks.
+    pub async fn connect_from(
+        addr: &str,
+        bind: Option<std::net::IpAddr>,
+        secret: &ClusterSecret,
+    ) -> Result<RpcClient, RpcError> {
+        let connect = async {
+            let Some(bind) = bind else { return TcpStream::connect(addr).await };
+            let target = tokio::net::lookup_host(addr)
+                .await?
+                .find(|a| a.is_ipv4() == bind.is_ipv4())
+                .ok_or_else(|| std::io::Error::other("no address of the same family as the bind address"))?;
+            let socket =
+                if bind.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(std::net::SocketAddr::new(bind, 0))?;
+            socket.connect(target).await
+        };
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| RpcError::ConnectTimeout(addr.to_string()))?
             .map_err(|source| RpcError::Connect { addr: addr.to_string(), source })?;

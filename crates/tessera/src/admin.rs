@@ -4,7 +4,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 use tessera_core::units::{format_size, parse_size_bytes};
 use tessera_core::{ClusterState, Command};
-use tessera_proto::control::ControlClient;
+use tessera_proto::control::{ControlClient, ControlRequest, ControlResponse, MdmClusterStatus};
 
 use crate::cli::*;
 use crate::config::ClientConfig;
@@ -52,18 +52,7 @@ impl Admin {
                     // Clear the screen and redraw from the top.
                     print!("\x1b[2J\x1b[H");
                 }
-                println!(
-                    "MDM cluster: {} member(s), leader {}",
-                    s.mdm_members.len(),
-                    s.leader_id.map_or("none".into(), |l| l.to_string())
-                );
-                table::print(
-                    &["id", "address", "role", "leader"],
-                    s.mdm_members
-                        .iter()
-                        .map(|m| vec![m.id.to_string(), m.address.clone(), m.role.clone(), m.is_leader.to_string()])
-                        .collect(),
-                );
+                print_mdm_cluster(&s.mdm);
                 println!();
                 print_sds_table(&s.sdss);
                 println!();
@@ -83,6 +72,44 @@ impl Admin {
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             },
+            ClusterCmd::SwitchMode { mode, managers, tiebreakers } => {
+                let req = ControlRequest::SwitchClusterMode { mode: mode.clone(), managers, tiebreakers };
+                self.membership_change(req, &format!("switched the MDM cluster to {mode}")).await
+            }
+        }
+    }
+
+    async fn membership_change(&self, req: ControlRequest, what: &str) -> anyhow::Result<()> {
+        match self.control.request(&req).await? {
+            ControlResponse::Members(m) => {
+                if self.json {
+                    return print_json(&m);
+                }
+                println!("{what}");
+                print_mdm_cluster(&m);
+                Ok(())
+            }
+            other => bail!("unexpected answer from the MDM: {other:?}"),
+        }
+    }
+
+    pub async fn mdm(&self, cmd: MdmCmd) -> anyhow::Result<()> {
+        match cmd {
+            MdmCmd::List => {
+                let s = self.control.status().await?;
+                if self.json {
+                    return print_json(&s.mdm);
+                }
+                print_mdm_cluster(&s.mdm);
+                Ok(())
+            }
+            MdmCmd::Add { address, id } => {
+                let req = ControlRequest::AddMdm { address: address.clone(), expect_id: id };
+                self.membership_change(req, &format!("added the MDM at {address} as a standby")).await
+            }
+            MdmCmd::Remove { id } => {
+                self.membership_change(ControlRequest::RemoveMdm { id }, &format!("removed MDM {id}")).await
+            }
         }
     }
 
@@ -540,6 +567,33 @@ fn print_rebuild(r: &tessera_proto::control::RebuildStatus) {
     } else {
         println!("Rebuild: {} PG(s) re-mirroring ({done} of {total} done), {rate}/s, ETA {eta}", r.pgs_rebuilding);
     }
+}
+
+fn print_mdm_cluster(m: &MdmClusterStatus) {
+    println!(
+        "MDM cluster: mode {}, state {}, {}/{} voters reachable, primary {}",
+        m.mode,
+        m.state,
+        m.voters_reachable,
+        m.voters,
+        m.leader_id.map_or("none".into(), |l| l.to_string())
+    );
+    table::print(
+        &["id", "address", "role", "status", "reachable", "log_index"],
+        m.members
+            .iter()
+            .map(|x| {
+                vec![
+                    x.id.to_string(),
+                    x.address.clone(),
+                    x.role.clone(),
+                    x.status.clone(),
+                    if x.reachable { "yes" } else { "no" }.to_string(),
+                    x.matched_index.map_or("-".into(), |i| i.to_string()),
+                ]
+            })
+            .collect(),
+    );
 }
 
 fn print_sds_table(sdss: &[tessera_proto::control::SdsStatus]) {

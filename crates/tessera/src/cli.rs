@@ -39,6 +39,9 @@ pub enum Top {
     Daemon(DaemonCmd),
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// MDM cluster members (managers, tiebreakers, standbys).
+    #[command(subcommand)]
+    Mdm(MdmCmd),
     /// Protection domains.
     #[command(subcommand, name = "pd")]
     Pd(PdCmd),
@@ -68,9 +71,13 @@ pub struct UpArgs {
     pub device_size: String,
     #[arg(long, default_value = "127.0.0.1")]
     pub ip: String,
-    /// MDM on this port, SDS n on base+10+n.
+    /// MDM n on base+n-1, SDS n on base+10+n.
     #[arg(long, default_value_t = 7610)]
     pub base_port: u16,
+    /// MDMs to start (first start only): 1, 3 (two managers and a tiebreaker) or 5 (three
+    /// managers and two tiebreakers).
+    #[arg(long)]
+    pub mdm: Option<u32>,
     /// Return once the cluster is ready instead of staying in the foreground.
     #[arg(long)]
     pub detach: bool,
@@ -81,10 +88,17 @@ pub enum DaemonCmd {
     Mdm {
         #[arg(long)]
         dir: PathBuf,
+        /// Unique among the cluster's MDMs, for the life of the cluster.
         #[arg(long, default_value_t = 1)]
         id: u64,
         #[arg(long)]
         listen: SocketAddr,
+        /// `manager` (may become primary) or `tiebreaker` (votes only).
+        #[arg(long, default_value = "manager")]
+        role: String,
+        /// Wait to be added to an existing cluster (`tessera mdm add`) instead of creating one.
+        #[arg(long)]
+        standby: bool,
     },
     Sds {
         #[arg(long)]
@@ -114,6 +128,42 @@ pub enum ClusterCmd {
         /// Redraw every second until no PG is re-mirroring.
         #[arg(long)]
         watch: bool,
+    },
+    /// Switch the MDM cluster mode (`scli --switch_cluster_mode`). Members not named are
+    /// chosen among the current voters and standbys of each role; members that leave the
+    /// mode stay as standbys.
+    SwitchMode {
+        /// 1_node, 3_node or 5_node.
+        mode: String,
+        /// Manager ids, comma separated (3_node: 2, 5_node: 3).
+        #[arg(long, value_delimiter = ',')]
+        managers: Option<Vec<u64>>,
+        /// Tiebreaker ids, comma separated (3_node: 1, 5_node: 2).
+        #[arg(long, value_delimiter = ',')]
+        tiebreakers: Option<Vec<u64>>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MdmCmd {
+    /// Members with role, status and reachability (`scli --query_cluster`).
+    #[command(alias = "ls")]
+    List,
+    /// Add a running standby MDM (`tessera daemon mdm --standby`) to the cluster. Its id and
+    /// role are its own; it catches up with the log before this returns.
+    Add {
+        /// host:port of the standby MDM.
+        #[arg(long)]
+        address: String,
+        /// Refuse unless the MDM at that address has this id.
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Remove a standby member (voters leave by switching mode first).
+    #[command(alias = "rm")]
+    Remove {
+        #[arg(long)]
+        id: u64,
     },
 }
 

@@ -30,6 +30,13 @@ pub struct LocalLayout {
     pub base_port: u16,
     pub sds_count: u32,
     pub device_size_bytes: u64,
+    /// MDMs: 1, 3 or 5 (configs written before multi-MDM modes had one).
+    #[serde(default = "one")]
+    pub mdm_count: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl ClientConfig {

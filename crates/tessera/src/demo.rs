@@ -60,6 +60,7 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     step(1, total, &format!("starting a local cluster in {} (MDM, 4 SDSs, SDC on 127.0.0.1)", dir.display()));
     let args = UpArgs {
+        mdm: None,
         dir: dir.to_path_buf(),
         sds: Some(4),
         device_size: "1GiB".into(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use tessera_core::units::{format_size, parse_size_bytes};
 use tessera_core::{Command, DeviceState};
-use tessera_proto::control::ControlClient;
+use tessera_proto::control::{ControlClient, ControlRequest, ControlResponse};
 use tessera_proto::ClusterSecret;
 
 use crate::cli::UpArgs;
@@ -29,6 +29,24 @@ pub fn config_path(dir: &Path) -> PathBuf {
 
 fn sds_port(layout: &LocalLayout, n: u32) -> u16 {
     layout.base_port + 10 + n as u16
+}
+
+fn mdm_address(ip: &str, base_port: u16, n: u32) -> String {
+    format!("{ip}:{}", base_port + n as u16 - 1)
+}
+
+/// The role of local MDM `n` of `count`: managers first, then tiebreakers.
+fn mdm_role(count: u32, n: u32) -> &'static str {
+    let managers = match count {
+        5 => 3,
+        3 => 2,
+        _ => 1,
+    };
+    if n <= managers {
+        "manager"
+    } else {
+        "tiebreaker"
+    }
 }
 
 /// True while the process runs. A zombie (exited, not yet reaped by its parent) counts as
@@ -107,12 +125,22 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
         if args.base_port.checked_add(10 + sds_count as u16).is_none() || sds_count > 64 {
             bail!("--sds must be at most 64 and fit above --base-port");
         }
+        let mdm_count = args.mdm.unwrap_or(1);
+        if ![1, 3, 5].contains(&mdm_count) {
+            bail!("--mdm must be 1, 3 or 5 (the MDM cluster modes 1_node, 3_node and 5_node)");
+        }
         let cfg = ClientConfig {
             cluster_id: new_cluster_id(),
             secret: ClusterSecret::generate().to_hex(),
-            mdm: vec![format!("{}:{}", args.ip, args.base_port)],
+            mdm: (1..=mdm_count).map(|n| mdm_address(&args.ip, args.base_port, n)).collect(),
             sdc: Some(LOCAL_SDC.to_string()),
-            local: Some(LocalLayout { ip: args.ip.clone(), base_port: args.base_port, sds_count, device_size_bytes }),
+            local: Some(LocalLayout {
+                ip: args.ip.clone(),
+                base_port: args.base_port,
+                sds_count,
+                device_size_bytes,
+                mdm_count,
+            }),
         };
         cfg.save(&cfg_path)?;
         cfg
@@ -120,6 +148,13 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
         let cfg = ClientConfig::load(&cfg_path)?;
         let layout =
             cfg.local.as_ref().ok_or_else(|| anyhow!("{} was not written by `tessera up`", cfg_path.display()))?;
+        if args.mdm.is_some_and(|n| n != layout.mdm_count) {
+            bail!(
+                "{} already holds a cluster with {} MDM(s); change modes with `tessera cluster switch-mode`",
+                dir.display(),
+                layout.mdm_count
+            );
+        }
         if let Some(n) = args.sds {
             if n != layout.sds_count {
                 bail!(
@@ -133,26 +168,31 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
     };
     let layout = cfg.local.clone().expect("set above");
     let cfg_arg = cfg_path.clone();
-    let mut pids = vec![(
-        "mdm-1".to_string(),
-        spawn_daemon(
-            &dir,
-            "mdm-1",
-            &cfg_arg,
-            &[
-                "mdm".into(),
-                "--dir".into(),
-                dir.join("mdm-1").display().to_string(),
-                "--id".into(),
-                "1".into(),
-                "--listen".into(),
-                cfg.mdm[0].clone(),
-            ],
-        )?,
-    )];
+    let mut pids = Vec::new();
+    for n in 1..=layout.mdm_count {
+        let role_id = format!("mdm-{n}");
+        let mut daemon_args = vec![
+            "mdm".to_string(),
+            "--dir".into(),
+            dir.join(&role_id).display().to_string(),
+            "--id".into(),
+            n.to_string(),
+            "--listen".into(),
+            mdm_address(&layout.ip, layout.base_port, n),
+            "--role".into(),
+            mdm_role(layout.mdm_count, n).into(),
+        ];
+        // MDM 1 creates the cluster; the others wait to be added (a restarted member
+        // resumes from its own log whatever the flag says).
+        if n > 1 {
+            daemon_args.push("--standby".into());
+        }
+        pids.push((role_id.clone(), spawn_daemon(&dir, &role_id, &cfg_arg, &daemon_args)?));
+    }
     let control = ControlClient::new(cfg.mdm.clone(), cfg.secret()?);
     wait_for(&dir, &pids, "the MDM to answer", || async { control.status().await.is_ok() }).await?;
     if fresh {
+        form_mdm_cluster(&control, &dir, &pids, &layout).await?;
         create_layout(&control, &dir, &layout).await?;
     }
     for n in 1..=layout.sds_count {
@@ -187,6 +227,35 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
     })
     .await?;
     Ok(cfg)
+}
+
+/// Adds MDMs 2..n as standbys and switches to the mode they make.
+async fn form_mdm_cluster(
+    control: &ControlClient,
+    dir: &Path,
+    pids: &[(String, i32)],
+    layout: &LocalLayout,
+) -> anyhow::Result<()> {
+    if layout.mdm_count == 1 {
+        return Ok(());
+    }
+    for n in 2..=layout.mdm_count {
+        let address = mdm_address(&layout.ip, layout.base_port, n);
+        // The standby may still be starting; adding is refused until it answers.
+        wait_for(dir, pids, &format!("MDM {n} to join"), || async {
+            let req = ControlRequest::AddMdm { address: address.clone(), expect_id: Some(n as u64) };
+            matches!(control.request(&req).await, Ok(ControlResponse::Members(_)))
+        })
+        .await?;
+    }
+    let mode = format!("{}_node", layout.mdm_count);
+    let req = ControlRequest::SwitchClusterMode { mode: mode.clone(), managers: None, tiebreakers: None };
+    match control.request(&req).await? {
+        ControlResponse::Members(_) => {}
+        other => bail!("switching to {mode}: unexpected answer {other:?}"),
+    }
+    eprintln!("formed a {mode} MDM cluster");
+    Ok(())
 }
 
 async fn create_layout(control: &ControlClient, dir: &Path, layout: &LocalLayout) -> anyhow::Result<()> {

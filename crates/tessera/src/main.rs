@@ -48,8 +48,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load()?;
             let secret = cfg.secret()?;
             match d {
-                DaemonCmd::Mdm { dir, id, listen } => {
-                    tessera_mdm::run_mdm(tessera_mdm::MdmConfig::new(id, dir, listen, secret)).await
+                DaemonCmd::Mdm { dir, id, listen, role, standby } => {
+                    let mut mdm = tessera_mdm::MdmConfig::new(id, dir, listen, secret);
+                    mdm.role = tessera_mdm::membership::MdmRole::parse(&role)?;
+                    mdm.standby = standby;
+                    tessera_mdm::run_mdm(mdm).await
                 }
                 DaemonCmd::Sds { name, listen, rebuild_mib_per_sec } => {
                     tessera_sds::run_sds(tessera_sds::SdsConfig {
@@ -75,6 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Top::Cluster(c) => admin::Admin::new(load()?, cli.json)?.cluster(c).await,
+        Top::Mdm(c) => admin::Admin::new(load()?, cli.json)?.mdm(c).await,
         Top::Pd(c) => admin::Admin::new(load()?, cli.json)?.pd(c).await,
         Top::FaultSet(c) => admin::Admin::new(load()?, cli.json)?.fault_set(c).await,
         Top::Pool(c) => admin::Admin::new(load()?, cli.json)?.pool(c).await,
