@@ -15,6 +15,7 @@ declare -A PACKAGE_OF=(
   [losetup]=util-linux
   [mkfs.ext4]=e2fsprogs
   [python3]=python3
+  [nft]=nftables
 )
 
 missing=()

@@ -85,6 +85,8 @@ const TIEBREAKER_LAST_RESORT: Duration = Duration::from_secs(4);
 /// How long a leading tiebreaker waits for a manager to take over before trying again.
 const HANDOVER_WAIT: Duration = Duration::from_secs(4);
 const ROLE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a mode switch waits for its new members to answer before refusing.
+const SWITCH_REACHABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// State only the leader needs and that is rebuilt from heartbeats after a failover, so it
 /// is not replicated: leases and device usage.
@@ -187,7 +189,6 @@ impl Mdm {
                 let reachable = *id == self.cfg.id
                     || if leading {
                         self.contacts.reached_within(*id, REACHABLE_WINDOW)
-                            && m.replication.as_ref().is_some_and(|r| r.get(id).is_some_and(|l| l.is_some()))
                     } else {
                         Some(*id) == m.current_leader
                     };
@@ -257,9 +258,10 @@ impl Mdm {
             return Ok(()); // client_write answers ForwardToLeader
         }
         let voters = m.membership_config.membership().voter_ids().count();
-        if voters > 1 && m.millis_since_quorum_ack.is_none_or(|ms| ms > QUORUM_STALE_MS) {
-            let view = self.member_view(&m);
-            let reachable = view.values().filter(|x| x.voter && x.reachable).count();
+        let view = self.member_view(&m);
+        let reachable = view.values().filter(|x| x.voter && x.reachable).count();
+        let quorum_stale = m.millis_since_quorum_ack.is_none_or(|ms| ms > QUORUM_STALE_MS);
+        if voters > 1 && (quorum_stale || reachable * 2 <= voters) {
             return Err(ControlError::Unavailable(format!(
                 "no quorum of MDMs: {reachable} of {voters} voting members reachable; \
                  metadata changes are refused until a member returns"
@@ -298,7 +300,13 @@ impl Mdm {
         }
         match tokio::time::timeout(READ_TIMEOUT, self.raft.ensure_linearizable()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(not_leader_or_unavailable(e)),
+            Ok(Err(e)) => Err(match not_leader_or_unavailable(e) {
+                // openraft's own message lists the whole membership; say it plainly.
+                ControlError::Unavailable(detail) => self.check_quorum().err().unwrap_or(ControlError::Unavailable(
+                    format!("leadership not confirmed by a quorum of MDMs: {detail}"),
+                )),
+                other => other,
+            }),
             Err(_) => Err(ControlError::Unavailable(format!(
                 "leadership not confirmed by a quorum of MDMs within {READ_TIMEOUT:?}"
             ))),
@@ -346,19 +354,13 @@ impl Mdm {
                 })
             }
             ControlRequest::Status => {
-                // Without a quorum the status is still worth showing (which members are
-                // gone): this MDM then answers from its own view, marked `no_quorum`.
+                // A leader that a quorum no longer confirms says so (with how many voters it
+                // still reaches) rather than answering from a view that may be stale; the
+                // client then asks the other MDMs.
                 if let Err(refused) = self.confirm_leadership().await {
-                    let m = self.metrics();
-                    let leader_elsewhere = m.current_leader.is_some_and(|l| l != self.cfg.id);
-                    if leader_elsewhere || self.handing_over.load(Ordering::Acquire) {
-                        return ControlResponse::Error(refused);
-                    }
+                    return ControlResponse::Error(self.check_quorum().err().unwrap_or(refused));
                 }
-                let mut mdm = self.cluster_view();
-                if self.check_quorum().is_err() {
-                    mdm.state = "no_quorum".into();
-                }
+                let mdm = self.cluster_view();
                 let d = self.sm.data.read().await;
                 let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
                 // Only jobs for PGs still syncing count; finished ones linger until forgotten.
@@ -499,9 +501,10 @@ impl Mdm {
             Ok(m) => m,
             Err(e) => return bad_request(e.to_string()),
         };
-        // Replication progress restarts after every membership change, so a member just
-        // added may look unreachable for a heartbeat or two: retry that refusal briefly.
-        let deadline = Instant::now() + REACHABLE_WINDOW;
+        // A member just added or restarted may not have answered a heartbeat yet (the
+        // replication streams restart after every membership change): retry that refusal
+        // for a while before reporting it.
+        let deadline = Instant::now() + SWITCH_REACHABLE_WAIT;
         let (view, voters) = loop {
             let view = self.member_view(&self.metrics());
             match membership::plan_mode_switch(&view, self.cfg.id, mode, managers.as_deref(), tiebreakers.as_deref()) {
@@ -643,7 +646,10 @@ impl Mdm {
     /// One pass of the failure detector: commit liveness changes the leases call for.
     async fn detect_failures(&self) {
         let now = self.now_ms();
-        let leader = self.is_leader();
+        // A leader that lost its quorum could not renew leases meanwhile (heartbeats need a
+        // confirmed leadership), so when the quorum returns it must wait a whole lease again
+        // before trusting the absence of heartbeats, exactly like a new leader.
+        let leader = self.is_leader() && self.check_quorum().is_ok();
         let commands = {
             let mut soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
             soft.leases.set_leader(leader, now);

@@ -251,7 +251,9 @@ pub enum ClientError {
 /// Talks to the MDM cluster: tries each known address, follows `NotLeader` hints, retries
 /// with backoff while no leader answers, and reuses its connection.
 pub struct ControlClient {
-    addresses: Vec<String>,
+    /// The configured MDM addresses, plus every leader address learned from `NotLeader`
+    /// hints (so a member added after the config was written is found again).
+    addresses: std::sync::Mutex<Vec<String>>,
     secret: ClusterSecret,
     conn: tokio::sync::Mutex<Option<RpcClient>>,
     /// Give up on a call after this long without a leader.
@@ -260,7 +262,12 @@ pub struct ControlClient {
 
 impl ControlClient {
     pub fn new(addresses: Vec<String>, secret: ClusterSecret) -> ControlClient {
-        ControlClient { addresses, secret, conn: tokio::sync::Mutex::new(None), retry_for: Duration::from_secs(20) }
+        ControlClient {
+            addresses: std::sync::Mutex::new(addresses),
+            secret,
+            conn: tokio::sync::Mutex::new(None),
+            retry_for: Duration::from_secs(20),
+        }
     }
 
     pub async fn request(&self, req: &ControlRequest) -> Result<ControlResponse, ClientError> {
@@ -268,7 +275,10 @@ impl ControlClient {
         let deadline = tokio::time::Instant::now() + self.retry_for;
         let mut backoff = Duration::from_millis(50);
         let mut last_error = String::from("no MDM address configured");
-        let mut candidates: Vec<String> = self.addresses.clone();
+        // What an MDM itself last said (no quorum, ...): more useful to report than a
+        // connection refused by a member that is down.
+        let mut last_answer: Option<String> = None;
+        let mut candidates: Vec<String> = self.addresses.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut next = 0usize;
         loop {
             let conn = {
@@ -305,11 +315,19 @@ impl ControlClient {
                                 if let Some(l) = leader {
                                     if !candidates.contains(&l) {
                                         candidates.push(l.clone());
+                                        let mut known = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+                                        if !known.contains(&l) {
+                                            known.push(l.clone());
+                                        }
                                     }
                                     next = candidates.iter().position(|c| *c == l).unwrap_or(next);
                                 }
                             }
-                            ControlResponse::Error(ControlError::Unavailable(m)) => last_error = m,
+                            ControlResponse::Error(ControlError::Unavailable(m)) => {
+                                // This MDM cannot serve (no quorum behind it): try the others.
+                                last_answer = Some(m);
+                                *self.conn.lock().await = None;
+                            }
                             ControlResponse::Error(e) => return Err(ClientError::Control(e)),
                             other => return Ok(other),
                         }
@@ -324,7 +342,7 @@ impl ControlClient {
                 }
             }
             if tokio::time::Instant::now() + backoff > deadline {
-                return Err(ClientError::Unreachable(last_error));
+                return Err(ClientError::Unreachable(last_answer.unwrap_or(last_error)));
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -31,8 +31,17 @@ fn sds_port(layout: &LocalLayout, n: u32) -> u16 {
     layout.base_port + 10 + n as u16
 }
 
-fn mdm_address(ip: &str, base_port: u16, n: u32) -> String {
-    format!("{ip}:{}", base_port + n as u16 - 1)
+/// MDM `n` of `count` listens on base+n-1. In a multi-MDM cluster on 127.0.0.1 each MDM
+/// also gets its own loopback address, 127.0.0.(10+n), as if it ran on its own node: it
+/// talks to the other MDMs from that address, so they (and a packet filter that partitions
+/// the cluster) can tell MDM traffic from clients'.
+fn mdm_address(ip: &str, count: u32, base_port: u16, n: u32) -> String {
+    let port = base_port + n as u16 - 1;
+    if count > 1 && ip == "127.0.0.1" {
+        format!("127.0.0.{}:{port}", 10 + n)
+    } else {
+        format!("{ip}:{port}")
+    }
 }
 
 /// The role of local MDM `n` of `count`: managers first, then tiebreakers.
@@ -132,7 +141,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
         let cfg = ClientConfig {
             cluster_id: new_cluster_id(),
             secret: ClusterSecret::generate().to_hex(),
-            mdm: (1..=mdm_count).map(|n| mdm_address(&args.ip, args.base_port, n)).collect(),
+            mdm: (1..=mdm_count).map(|n| mdm_address(&args.ip, mdm_count, args.base_port, n)).collect(),
             sdc: Some(LOCAL_SDC.to_string()),
             local: Some(LocalLayout {
                 ip: args.ip.clone(),
@@ -178,7 +187,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
             "--id".into(),
             n.to_string(),
             "--listen".into(),
-            mdm_address(&layout.ip, layout.base_port, n),
+            mdm_address(&layout.ip, layout.mdm_count, layout.base_port, n),
             "--role".into(),
             mdm_role(layout.mdm_count, n).into(),
         ];
@@ -240,7 +249,7 @@ async fn form_mdm_cluster(
         return Ok(());
     }
     for n in 2..=layout.mdm_count {
-        let address = mdm_address(&layout.ip, layout.base_port, n);
+        let address = mdm_address(&layout.ip, layout.mdm_count, layout.base_port, n);
         // The standby may still be starting; adding is refused until it answers.
         wait_for(dir, pids, &format!("MDM {n} to join"), || async {
             let req = ControlRequest::AddMdm { address: address.clone(), expect_id: Some(n as u64) };

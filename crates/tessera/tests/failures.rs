@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -177,115 +176,6 @@ impl Drop for Stopped {
         // Safety: the pid of a daemon this test stopped.
         unsafe { libc::kill(self.0, libc::SIGCONT) };
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// fio in the background
-
-struct Fio {
-    child: Option<Child>,
-    args: Vec<String>,
-    output: PathBuf,
-    stderr: PathBuf,
-}
-
-struct FioResult {
-    status: ExitStatus,
-    /// `jobs[0]` of fio's JSON report.
-    job: serde_json::Value,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Fio {
-    /// Starts fio with the NBD engine on `uri`; never leaves verify state files behind.
-    fn start(c: &Cluster, label: &str, uri: &str, extra: &[&str]) -> (Fio, Instant) {
-        let output = c.dir.join(format!("fio-{label}.json"));
-        let stderr = c.dir.join(format!("fio-{label}.stderr"));
-        let mut args: Vec<String> = vec![
-            format!("--name={label}"),
-            "--ioengine=nbd".into(),
-            format!("--uri={uri}"),
-            "--output-format=json".into(),
-            format!("--output={}", output.display()),
-            "--verify_state_save=0".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut cmd = tool("fio");
-        cmd.args(&args).current_dir(&c.dir).stdin(Stdio::null()).stdout(Stdio::null());
-        cmd.stderr(std::fs::File::create(&stderr).expect("fio stderr file"));
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting fio {args:?}: {e}"));
-        (Fio { child: Some(child), args, output, stderr }, Instant::now())
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().expect("not finished").try_wait(), Ok(None))
-    }
-
-    fn finish(mut self, started: Instant) -> FioResult {
-        let mut child = self.child.take().expect("not finished");
-        let status = wait_with_timeout(&mut child, TOOL_TIMEOUT)
-            .unwrap_or_else(|| panic!("fio {:?} did not finish within {TOOL_TIMEOUT:?}; killed it", self.args));
-        let elapsed = started.elapsed();
-        let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let out = std::fs::read_to_string(&self.output).unwrap_or_default();
-        let job = out
-            .find('{')
-            .and_then(|i| serde_json::from_str::<serde_json::Value>(&out[i..]).ok())
-            .map(|r| r["jobs"][0].clone())
-            .unwrap_or(serde_json::Value::Null);
-        FioResult { status, job, stderr, elapsed }
-    }
-}
-
-impl Drop for Fio {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl FioResult {
-    fn describe(&self) -> String {
-        format!(
-            "exit {:?} after {:?}\n--- stderr ---\n{}\n--- job ---\n{:#}",
-            self.status.code(),
-            self.elapsed,
-            self.stderr,
-            self.job
-        )
-    }
-
-    fn bytes(&self, dir: &str) -> u64 {
-        self.job[dir]["io_bytes"].as_u64().unwrap_or_else(|| panic!("no {dir} io_bytes: {}", self.describe()))
-    }
-
-    /// Exit 0, no job error, no verify complaint, and exactly these byte counts (`written`
-    /// is `None` for a verify-only pass, which counts the writes it only pretends to do).
-    fn assert_clean(&self, written: Option<u64>, read: u64) {
-        assert!(self.status.success(), "fio failed: {}", self.describe());
-        assert_eq!(self.job["error"].as_i64(), Some(0), "fio job error: {}", self.describe());
-        for bad in ["verify", "bad magic", "error", "crc32c", "mismatch"] {
-            assert!(!self.stderr.to_lowercase().contains(bad), "fio reported {bad:?}: {}", self.describe());
-        }
-        if let Some(written) = written {
-            assert_eq!(self.bytes("write"), written, "bytes written: {}", self.describe());
-        }
-        assert_eq!(self.bytes("read"), read, "bytes read (verified): {}", self.describe());
-    }
-}
-
-/// A verify-only fio pass replaying `job` (the same arguments as the write): reads back and
-/// checks every block that job wrote.
-fn fio_verify_only(c: &Cluster, label: &str, uri: &str, job: &[&str], bytes: u64) {
-    let mut args = job.to_vec();
-    args.push("--verify_only");
-    let (fio, started) = Fio::start(c, label, uri, &args);
-    let r = fio.finish(started);
-    r.assert_clean(None, bytes);
-    eprintln!("fio verify-only pass {label}: {} MiB checked in {:?}", bytes / MIB, r.elapsed);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -218,6 +218,7 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub base_port: u16,
     pub sds_count: u32,
+    pub mdm_count: u32,
     /// Daemons the test started itself (not by `up`); killed and reaped on drop.
     extra_daemons: Mutex<Vec<(String, Child)>>,
 }
@@ -229,11 +230,18 @@ impl Cluster {
     }
 
     pub fn start_with(sds_count: u32, device_size: &str) -> Cluster {
+        Cluster::start_full(1, sds_count, device_size)
+    }
+
+    /// A local cluster with `mdm_count` MDMs (1, 3 or 5; `up --mdm`): MDM n listens on
+    /// 127.0.0.(10+n):base+n-1 when there are several.
+    pub fn start_full(mdm_count: u32, sds_count: u32, device_size: &str) -> Cluster {
         let base_port = reserve_port_range();
         let cluster = Cluster {
             dir: fresh_dir(&format!("p{base_port}")),
             base_port,
             sds_count,
+            mdm_count,
             extra_daemons: Mutex::new(Vec::new()),
         };
         let out = run(
@@ -241,6 +249,7 @@ impl Cluster {
                 .arg("up")
                 .arg("--dir")
                 .arg(&cluster.dir)
+                .args(["--mdm", &mdm_count.to_string()])
                 .args(["--sds", &sds_count.to_string(), "--device-size", device_size])
                 .args(["--base-port", &base_port.to_string(), "--detach"]),
             UP_TIMEOUT,
@@ -258,8 +267,24 @@ impl Cluster {
         self.dir.join("sdc-1.sock")
     }
 
+    /// The first MDM's address.
     pub fn mdm_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.base_port)
+        self.mdm_addr_of(1)
+    }
+
+    /// MDM `n`'s address (1-based), as `up` lays them out.
+    pub fn mdm_addr_of(&self, n: u32) -> String {
+        let port = self.base_port + n as u16 - 1;
+        if self.mdm_count > 1 {
+            format!("127.0.0.{}:{port}", 10 + n)
+        } else {
+            format!("127.0.0.1:{port}")
+        }
+    }
+
+    /// Every MDM's address.
+    pub fn mdm_addrs(&self) -> Vec<String> {
+        (1..=self.mdm_count).map(|n| self.mdm_addr_of(n)).collect()
     }
 
     /// Data address of SDS `n` (1-based), as `up` lays them out.
@@ -350,7 +375,7 @@ impl Cluster {
 
     /// Every daemon `up` started: `mdm-1`, `sds-1..n`, `sdc-1`.
     pub fn role_ids(&self) -> Vec<String> {
-        let mut ids = vec!["mdm-1".to_string()];
+        let mut ids: Vec<String> = (1..=self.mdm_count).map(|n| format!("mdm-{n}")).collect();
         ids.extend((1..=self.sds_count).map(|n| format!("sds-{n}")));
         ids.push("sdc-1".to_string());
         ids
@@ -451,4 +476,113 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// fio in the background
+
+pub struct Fio {
+    child: Option<Child>,
+    args: Vec<String>,
+    output: PathBuf,
+    stderr: PathBuf,
+}
+
+pub struct FioResult {
+    pub status: ExitStatus,
+    /// `jobs[0]` of fio's JSON report.
+    pub job: serde_json::Value,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Fio {
+    /// Starts fio with the NBD engine on `uri`; never leaves verify state files behind.
+    pub fn start(c: &Cluster, label: &str, uri: &str, extra: &[&str]) -> (Fio, Instant) {
+        let output = c.dir.join(format!("fio-{label}.json"));
+        let stderr = c.dir.join(format!("fio-{label}.stderr"));
+        let mut args: Vec<String> = vec![
+            format!("--name={label}"),
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            "--output-format=json".into(),
+            format!("--output={}", output.display()),
+            "--verify_state_save=0".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut cmd = tool("fio");
+        cmd.args(&args).current_dir(&c.dir).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.stderr(std::fs::File::create(&stderr).expect("fio stderr file"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting fio {args:?}: {e}"));
+        (Fio { child: Some(child), args, output, stderr }, Instant::now())
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().expect("not finished").try_wait(), Ok(None))
+    }
+
+    pub fn finish(mut self, started: Instant) -> FioResult {
+        let mut child = self.child.take().expect("not finished");
+        let status = wait_with_timeout(&mut child, TOOL_TIMEOUT)
+            .unwrap_or_else(|| panic!("fio {:?} did not finish within {TOOL_TIMEOUT:?}; killed it", self.args));
+        let elapsed = started.elapsed();
+        let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let out = std::fs::read_to_string(&self.output).unwrap_or_default();
+        let job = out
+            .find('{')
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(&out[i..]).ok())
+            .map(|r| r["jobs"][0].clone())
+            .unwrap_or(serde_json::Value::Null);
+        FioResult { status, job, stderr, elapsed }
+    }
+}
+
+impl Drop for Fio {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl FioResult {
+    pub fn describe(&self) -> String {
+        format!(
+            "exit {:?} after {:?}\n--- stderr ---\n{}\n--- job ---\n{:#}",
+            self.status.code(),
+            self.elapsed,
+            self.stderr,
+            self.job
+        )
+    }
+
+    pub fn bytes(&self, dir: &str) -> u64 {
+        self.job[dir]["io_bytes"].as_u64().unwrap_or_else(|| panic!("no {dir} io_bytes: {}", self.describe()))
+    }
+
+    /// Exit 0, no job error, no verify complaint, and exactly these byte counts (`written`
+    /// is `None` for a verify-only pass, which counts the writes it only pretends to do).
+    pub fn assert_clean(&self, written: Option<u64>, read: u64) {
+        assert!(self.status.success(), "fio failed: {}", self.describe());
+        assert_eq!(self.job["error"].as_i64(), Some(0), "fio job error: {}", self.describe());
+        for bad in ["verify", "bad magic", "error", "crc32c", "mismatch"] {
+            assert!(!self.stderr.to_lowercase().contains(bad), "fio reported {bad:?}: {}", self.describe());
+        }
+        if let Some(written) = written {
+            assert_eq!(self.bytes("write"), written, "bytes written: {}", self.describe());
+        }
+        assert_eq!(self.bytes("read"), read, "bytes read (verified): {}", self.describe());
+    }
+}
+
+/// A verify-only fio pass replaying `job` (the same arguments as the write): reads back and
+/// checks every block that job wrote.
+pub fn fio_verify_only(c: &Cluster, label: &str, uri: &str, job: &[&str], bytes: u64) {
+    let mut args = job.to_vec();
+    args.push("--verify_only");
+    let (fio, started) = Fio::start(c, label, uri, &args);
+    let r = fio.finish(started);
+    r.assert_clean(None, bytes);
+    eprintln!("fio verify-only pass {label}: {} MiB checked in {:?}", bytes / MIB, r.elapsed);
 }
