@@ -47,7 +47,12 @@ pub struct MdmConfig {
     pub role: MdmRole,
     /// A brand-new standby waits to be added to a cluster instead of creating its own.
     pub standby: bool,
+    /// A snapshot is taken every this many log entries, and the log before it purged
+    /// (members too far behind then catch up from the snapshot).
+    pub snapshot_every_logs: u64,
 }
+
+pub const DEFAULT_SNAPSHOT_EVERY_LOGS: u64 = 1000;
 
 impl MdmConfig {
     pub fn new(id: u64, dir: PathBuf, listen: SocketAddr, secret: ClusterSecret) -> Self {
@@ -59,6 +64,7 @@ impl MdmConfig {
             lease_duration_ms: DEFAULT_LEASE_DURATION_MS,
             role: MdmRole::Manager,
             standby: false,
+            snapshot_every_logs: DEFAULT_SNAPSHOT_EVERY_LOGS,
         }
     }
 }
@@ -804,8 +810,8 @@ pub async fn run_mdm(cfg: MdmConfig) -> anyhow::Result<()> {
         election_timeout_max: RAFT_ELECTION_MAX_MS,
         // A tiebreaker's own timer never starts an election (see `Mdm::keep_role`).
         enable_elect: cfg.role == MdmRole::Manager,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_logs.max(1)),
+        max_in_snapshot_log_to_keep: cfg.snapshot_every_logs,
         ..Default::default()
     };
     let contacts = PeerContacts::default();

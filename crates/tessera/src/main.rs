@@ -52,6 +52,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let mut mdm = tessera_mdm::MdmConfig::new(id, dir, listen, secret);
                     mdm.role = tessera_mdm::membership::MdmRole::parse(&role)?;
                     mdm.standby = standby;
+                    if let Some(n) = std::env::var("TESSERA_MDM_SNAPSHOT_LOGS").ok().and_then(|v| v.parse().ok()) {
+                        mdm.snapshot_every_logs = n;
+                    }
                     tessera_mdm::run_mdm(mdm).await
                 }
                 DaemonCmd::Sds { name, listen, rebuild_mib_per_sec } => {

@@ -407,7 +407,14 @@ impl Cluster {
 
     /// `tessera up --dir --detach` on the existing directory: restarts the recorded layout.
     pub fn up_again(&self) {
-        let out = run(Command::new(BIN).arg("up").arg("--dir").arg(&self.dir).arg("--detach"), UP_TIMEOUT);
+        self.up_again_with_env(&[]);
+    }
+
+    /// [`Cluster::up_again`] with extra environment for the daemons.
+    pub fn up_again_with_env(&self, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("up").arg("--dir").arg(&self.dir).arg("--detach").envs(env.iter().copied());
+        let out = run(&mut cmd, UP_TIMEOUT);
         assert!(out.status.success(), "restarting with tessera up failed: {}", describe(&out));
     }
 
