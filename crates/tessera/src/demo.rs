@@ -58,9 +58,13 @@ pub async fn demo(keep: bool) -> anyhow::Result<()> {
 async fn demo_in(dir: &Path) -> anyhow::Result<()> {
     let total = 9;
     let started = Instant::now();
-    step(1, total, &format!("starting a local cluster in {} (MDM, 4 SDSs, SDC on 127.0.0.1)", dir.display()));
+    step(
+        1,
+        total,
+        &format!("starting a local cluster in {} (3_node MDM cluster, 4 SDSs, SDC on loopback)", dir.display()),
+    );
     let args = UpArgs {
-        mdm: None,
+        mdm: Some(3),
         dir: dir.to_path_buf(),
         sds: Some(4),
         device_size: "1GiB".into(),
@@ -103,10 +107,13 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
     read_back_and_compare(&uri, &back, &bytes)?;
     verify_copies(&control, &cfg).await?;
 
-    step(5, total, "losing a node: SIGKILL to sds-2");
-    let victim = std::fs::read_to_string(dir.join("sds-2.pid"))?.trim().parse::<i32>()?;
-    // Safety: plain kill(2) on a pid read from our own pid file.
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let primary = control.status().await?.leader_id.unwrap_or(1);
+    step(5, total, &format!("losing a node: SIGKILL to sds-2 and to the MDM primary, mdm-{primary}"));
+    for role in ["sds-2".to_string(), format!("mdm-{primary}")] {
+        let victim = std::fs::read_to_string(dir.join(format!("{role}.pid")))?.trim().parse::<i32>()?;
+        // Safety: plain kill(2) on a pid read from our own pid file.
+        unsafe { libc::kill(victim, libc::SIGKILL) };
+    }
 
     step(6, total, "reading while the cluster re-mirrors sds-2's copies from every other SDS");
     read_back_and_compare(&uri, &back, &bytes)?;
@@ -115,6 +122,13 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
     step(7, total, "verifying that both copies of every written extent are identical again");
     verify_copies(&control, &cfg).await?;
 
+    let s = control.status().await?;
+    eprintln!(
+        "      MDM cluster: {} (mode {}), primary now mdm-{}",
+        s.mdm.state,
+        s.mdm.mode,
+        s.leader_id.map_or("?".into(), |l| l.to_string())
+    );
     step(8, total, "stopping every daemon and starting the cluster again (sds-2 returns and rejoins empty)");
     local::down(dir)?;
     let restart = UpArgs { sds: None, ..args };
