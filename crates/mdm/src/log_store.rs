@@ -66,8 +66,13 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Opt
     }
 }
 
-fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    durable_file::replace(path, &serde_json::to_vec(value).map_err(io_err)?)
+/// Replaces `path` with `value` as JSON, durably, on the blocking pool.
+async fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(io_err)?;
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || durable_file::replace(&path, &bytes))
+        .await
+        .unwrap_or_else(|e| Err(io_err(format!("write task failed: {e}"))))
 }
 
 impl LogStore {
@@ -155,7 +160,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
         let mut s = self.inner.lock().await;
-        write_json(&s.dir.join("vote.json"), vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        write_json(&s.dir.join("vote.json"), vote).await.map_err(|e| StorageIOError::write_vote(&e))?;
         s.vote = Some(*vote);
         Ok(())
     }
@@ -166,7 +171,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
         let mut s = self.inner.lock().await;
-        write_json(&s.dir.join("committed.json"), &committed).map_err(|e| StorageIOError::write(&e))?;
+        write_json(&s.dir.join("committed.json"), &committed).await.map_err(|e| StorageIOError::write(&e))?;
         s.committed = committed;
         Ok(())
     }
@@ -187,7 +192,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             buf.extend(encode_line(&e).map_err(|err| StorageIOError::write_logs(&err))?);
             new_entries.push(e);
         }
-        let written = s.log_file.write_all(&buf).and_then(|_| s.log_file.sync_data());
+        // The write and fdatasync run on the blocking pool: on a current-thread runtime an
+        // fsync stalled behind other disk traffic would otherwise also stall heartbeats and
+        // cost the leadership. The log lock is held throughout, so appends stay ordered.
+        let written = match s.log_file.try_clone() {
+            Ok(mut file) => tokio::task::spawn_blocking(move || file.write_all(&buf).and_then(|_| file.sync_data()))
+                .await
+                .unwrap_or_else(|e| Err(io_err(format!("log append task failed: {e}")))),
+            Err(e) => Err(e),
+        };
         if let Err(e) = written {
             let msg = e.to_string();
             callback.log_io_completed(Err(e));
@@ -211,7 +224,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut s = self.inner.lock().await;
         // Record the purge point first: a crash before the rewrite leaves extra old entries,
         // which load drops; the reverse order could lose the purge point.
-        write_json(&s.dir.join("purged.json"), &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+        write_json(&s.dir.join("purged.json"), &log_id).await.map_err(|e| StorageIOError::write_logs(&e))?;
         s.last_purged = Some(log_id);
         s.entries.retain(|&idx, _| idx > log_id.index);
         s.rewrite().map_err(|e| StorageIOError::write_logs(&e))?;

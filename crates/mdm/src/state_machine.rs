@@ -63,9 +63,14 @@ impl StateMachineStore {
         })
     }
 
-    fn persist(&self, data: &SmData) -> std::io::Result<()> {
+    /// Writes the whole state machine and syncs it, on the blocking pool (see the log
+    /// store's append for why).
+    async fn persist(&self, data: &SmData) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(data).map_err(std::io::Error::other)?;
-        durable_file::replace(&self.dir.join("state_machine.json"), &bytes)
+        let path = self.dir.join("state_machine.json");
+        tokio::task::spawn_blocking(move || durable_file::replace(&path, &bytes))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("state machine write task failed: {e}"))))
     }
 
     fn snapshot_path(&self) -> PathBuf {
@@ -123,7 +128,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             outcomes.push(outcome);
         }
-        self.persist(&d).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.persist(&d).await.map_err(|e| StorageIOError::write_state_machine(&e))?;
         self.version.send_replace(d.last_applied.map_or(0, |l| l.index));
         Ok(outcomes)
     }
@@ -149,7 +154,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let stored = StoredSnapshot { meta: meta.clone(), data: bytes };
         let encoded = serde_json::to_vec(&stored).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         durable_file::replace(&self.snapshot_path(), &encoded).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        self.persist(&new_data).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.persist(&new_data).await.map_err(|e| StorageIOError::write_state_machine(&e))?;
         let version = new_data.last_applied.map_or(0, |l| l.index);
         *self.data.write().await = new_data;
         self.version.send_replace(version);
