@@ -130,9 +130,12 @@ fn mdm_status(c: &Cluster) -> serde_json::Value {
 /// A metadata workload in the background: creates volumes `meta-N` and maps each to the
 /// SDC, one call after another, and records when each call returned and whether it
 /// succeeded.
+/// When each call returned, and its error if it failed.
+type CallLog = Vec<(Instant, Result<(), String>)>;
+
 struct MetadataLoad {
     stop: Arc<AtomicBool>,
-    log: Arc<Mutex<Vec<(Instant, Result<(), String>)>>>,
+    log: Arc<Mutex<CallLog>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -170,7 +173,7 @@ impl MetadataLoad {
     }
 
     /// Stops the workload; returns its log.
-    fn stop(mut self) -> Vec<(Instant, Result<(), String>)> {
+    fn stop(mut self) -> CallLog {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().expect("running").join().expect("metadata workload thread");
         std::mem::take(&mut *self.log.lock().unwrap())
