@@ -14,6 +14,9 @@ use crate::rpc::{RpcClient, RpcError};
 
 /// A control call that gets no answer in this time fails (and the client tries another MDM).
 pub const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest pause between rounds of trying every MDM: short, so that a client finds a newly
+/// elected leader within a fraction of a second (control requests are cheap).
+const MAX_CONTROL_BACKOFF: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ControlRequest {
@@ -280,6 +283,9 @@ impl ControlClient {
         let mut last_answer: Option<String> = None;
         let mut candidates: Vec<String> = self.addresses.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut next = 0usize;
+        // Failed attempts since the last pause: every address is tried (and every hint
+        // followed) at once; the client only sleeps once a whole round found no leader.
+        let mut failed_in_round = 0usize;
         loop {
             let conn = {
                 let mut guard = self.conn.lock().await;
@@ -341,11 +347,19 @@ impl ControlClient {
                     }
                 }
             }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ClientError::Unreachable(last_answer.unwrap_or(last_error)));
+            }
+            failed_in_round += 1;
+            if failed_in_round <= candidates.len() {
+                continue;
+            }
             if tokio::time::Instant::now() + backoff > deadline {
                 return Err(ClientError::Unreachable(last_answer.unwrap_or(last_error)));
             }
+            failed_in_round = 0;
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            backoff = (backoff * 2).min(MAX_CONTROL_BACKOFF);
         }
     }
 

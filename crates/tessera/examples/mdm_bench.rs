@@ -108,6 +108,10 @@ fn create_volume(name: String) -> Command {
     }
 }
 
+fn unix_ms(t: std::time::SystemTime) -> u128 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -250,6 +254,7 @@ async fn failover(
     // retry of a call whose answer was lost.
     let was_in_flight = in_flight.load(Ordering::Relaxed);
     let killed_at = Instant::now();
+    let killed_wall = std::time::SystemTime::now();
     if unsafe { libc::kill(primary.pid, libc::SIGKILL) } != 0 {
         stop.store(true, Ordering::Relaxed);
         bail!("kill -9 {}: {}", primary.pid, std::io::Error::last_os_error());
@@ -292,6 +297,8 @@ async fn failover(
     println!("killed_role={}", primary.role);
     println!("killed_address={}", primary.address);
     println!("killed_process_gone={}", u8::from(dead));
+    // Wall-clock time of the kill, to line it up with the daemons' logs (UTC timestamps).
+    println!("killed_at_unix_ms={}", unix_ms(killed_wall));
     println!("in_flight_at_kill={}", u8::from(was_in_flight));
     println!("calls_before_kill={}", before.len());
     println!("calls_after_kill={}", after_kill.len());
