@@ -100,6 +100,13 @@ pub enum Command {
         volume: String,
         sdc: String,
     },
+    /// Preemption (REX-Ray's `preempt`): map the volume to `sdc` alone, unmapping it from
+    /// every other SDC. The mapping epoch moves on, so SDSs refuse IO still carrying the old
+    /// one: the node it was taken from can no longer write, even if it is only cut off.
+    TakeOverVolume {
+        volume: String,
+        sdc: String,
+    },
     /// The failure detector found the SDS's lease expired: re-peer its PGs.
     DeclareSdsDown {
         sds_id: u64,
@@ -513,6 +520,18 @@ impl ClusterState {
                 }
                 Ok(Applied { id: v.id })
             }
+            Command::TakeOverVolume { volume, sdc } => {
+                let sdc_id = lookup(self.sdc_by_name(sdc), "SDC", sdc)?.id;
+                let v = lookup(self.volume_by_name(volume), "volume", volume)?.clone();
+                if v.mapped_sdcs.len() == 1 && v.mapped_sdcs.contains(&sdc_id) {
+                    return Ok(Applied { id: v.id });
+                }
+                if let Some(v) = self.volumes.get_mut(&v.id) {
+                    v.mapped_sdcs = BTreeSet::from([sdc_id]);
+                    v.mapping_epoch += 1;
+                }
+                Ok(Applied { id: v.id })
+            }
             Command::DeclareSdsDown { sds_id, unresponsive } => self.declare_sds_down(*sds_id, unresponsive),
             Command::DeclareSdsUp { sds_id, unresponsive } => self.declare_sds_up(*sds_id, unresponsive),
             Command::FailDevice { device_id } => self.fail_device(*device_id),
@@ -767,6 +786,36 @@ mod tests {
         ok(&mut s, Command::UnmapVolume { volume: "v".into(), sdc: "c1".into() });
         ok(&mut s, Command::UnmapVolume { volume: "v".into(), sdc: "c2".into() });
         ok(&mut s, Command::RemoveVolume { name: "v".into() });
+    }
+
+    #[test]
+    fn take_over_maps_exclusively_and_moves_the_mapping_epoch() {
+        let mut s = three_sds_cluster();
+        let v = ok(
+            &mut s,
+            Command::CreateVolume {
+                name: "v".into(),
+                pool: "p1".into(),
+                size_bytes: GIB,
+                thin: true,
+                allow_multi_map: false,
+            },
+        );
+        for n in ["c1", "c2"] {
+            ok(
+                &mut s,
+                Command::RegisterSdc { name: n.into(), nbd_socket: format!("/run/{n}.sock"), nbd_tcp_address: None },
+            );
+        }
+        ok(&mut s, Command::MapVolume { volume: "v".into(), sdc: "c1".into(), allow_multi_map: false });
+        let before = s.volumes[&v].mapping_epoch;
+        ok(&mut s, Command::TakeOverVolume { volume: "v".into(), sdc: "c2".into() });
+        let c2 = s.sdc_by_name("c2").unwrap().id;
+        assert_eq!(s.volumes[&v].mapped_sdcs, BTreeSet::from([c2]));
+        assert_eq!(s.volumes[&v].mapping_epoch, before + 1, "the old holder is fenced by the epoch");
+        ok(&mut s, Command::TakeOverVolume { volume: "v".into(), sdc: "c2".into() });
+        assert_eq!(s.volumes[&v].mapping_epoch, before + 1, "taking over what it holds alone changes nothing");
+        assert!(s.apply(&Command::TakeOverVolume { volume: "v".into(), sdc: "nope".into() }).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Data protocol: SDC -> SDS and SDS -> SDS (replication) requests.
 //!
-//! Every IO request payload starts with an [`IoHeader`] (48 bytes, little-endian); a WRITE
+//! Every IO request payload starts with an [`IoHeader`] (56 bytes, little-endian); a WRITE
 //! carries `length` data bytes after it; a READ response carries `length` data bytes.
 
 /// Kinds of data frames.
@@ -53,6 +53,11 @@ pub mod status {
     pub const UNKNOWN_KIND: u32 = 8;
     /// Not serving yet (starting, or devices not open).
     pub const NOT_READY: u32 = 9;
+    /// The request's volume-mapping epoch is older than the volume's: the volume was mapped
+    /// or taken over since. The client must refetch the map and check it still holds the
+    /// mapping before retrying; an SDC that lost it fails the IO (this is the fence that
+    /// keeps a preempted node from writing).
+    pub const MAPPING_STALE: u32 = 10;
 
     pub fn name(code: u32) -> &'static str {
         match code {
@@ -66,12 +71,13 @@ pub mod status {
             REPLICA_UNAVAILABLE => "replica unavailable",
             UNKNOWN_KIND => "unknown request kind",
             NOT_READY => "not ready",
+            MAPPING_STALE => "volume mapping changed",
             _ => "unknown status",
         }
     }
 }
 
-pub const IO_HEADER_BYTES: usize = 48;
+pub const IO_HEADER_BYTES: usize = 56;
 
 /// Addresses one range inside one extent, and says which PG map the sender acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +90,9 @@ pub struct IoHeader {
     pub pg_epoch: u64,
     pub offset_in_extent: u32,
     pub length: u32,
+    /// The volume's mapping epoch the SDC acts on (0 in SDS-to-SDS and verification
+    /// requests, which are not checked against it).
+    pub mapping_epoch: u64,
 }
 
 impl IoHeader {
@@ -97,6 +106,7 @@ impl IoHeader {
         b[32..40].copy_from_slice(&self.pg_epoch.to_le_bytes());
         b[40..44].copy_from_slice(&self.offset_in_extent.to_le_bytes());
         b[44..48].copy_from_slice(&self.length.to_le_bytes());
+        b[48..56].copy_from_slice(&self.mapping_epoch.to_le_bytes());
         b
     }
 
@@ -114,6 +124,7 @@ impl IoHeader {
             pg_epoch: u64_at(32),
             offset_in_extent: u32_at(40),
             length: u32_at(44),
+            mapping_epoch: u64_at(48),
         })
     }
 }
@@ -133,6 +144,7 @@ mod tests {
             pg_epoch: 9,
             offset_in_extent: 4096,
             length: 512,
+            mapping_epoch: 3,
         };
         assert_eq!(IoHeader::decode(&h.encode()), Some(h));
         assert_eq!(IoHeader::decode(&[0u8; 10]), None);

@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub const FRAME_MAGIC: u32 = 0x5453_4631; // "TSF1"
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HEADER_BYTES: usize = 24;
 pub const RESPONSE_BIT: u16 = 0x8000;
 /// Largest payload: one extent of the largest extent size plus headers. Bigger frames are

@@ -38,6 +38,8 @@ pub struct ClientMap {
 
 pub struct DataClient {
     pub control: Arc<ControlClient>,
+    /// This SDC's id: IO is only sent for volumes mapped to it.
+    sdc_id: u64,
     secret: ClusterSecret,
     map: RwLock<Arc<ClientMap>>,
     /// Incremented by every completed refresh; lets concurrent failures share one refresh.
@@ -49,9 +51,10 @@ pub struct DataClient {
 }
 
 impl DataClient {
-    pub fn new(control: ControlClient, secret: ClusterSecret) -> DataClient {
+    pub fn new(control: ControlClient, secret: ClusterSecret, sdc_id: u64) -> DataClient {
         DataClient {
             control: Arc::new(control),
+            sdc_id,
             secret,
             map: RwLock::new(Arc::new(ClientMap::default())),
             refresh_count: Default::default(),
@@ -152,6 +155,15 @@ impl DataClient {
         map: &ClientMap,
     ) -> Result<Vec<u8>, Attempt> {
         let pool = map.state.pools.get(&volume.pool_id).ok_or(Attempt::RefreshAndRetry)?;
+        // The mapping as the map has it now, not as it was when the export opened: a volume
+        // unmapped from (or taken over from) this SDC gets no more IO from it.
+        let mapping_epoch = match map.state.volumes.get(&volume.id) {
+            Some(v) if v.mapped_sdcs.contains(&self.sdc_id) => v.mapping_epoch,
+            _ => {
+                tracing::error!(volume = %volume.name, "IO refused: the volume is no longer mapped to this SDC");
+                return Err(Attempt::Fatal(IoFailure::Io));
+            }
+        };
         let ExtentIo { op, extent_index, offset_in_extent, length, flags: io_flags } = io;
         let pg_id = pg_of_extent(volume.id, extent_index, pool.pg_count);
         let pg = pool.pgs.get(pg_id as usize).ok_or(Attempt::RefreshAndRetry)?;
@@ -166,6 +178,7 @@ impl DataClient {
             pg_epoch: pg.epoch,
             offset_in_extent,
             length,
+            mapping_epoch,
         };
         if op != kind::READ {
             self.unflushed
@@ -233,7 +246,10 @@ impl DataClient {
             | status::WRONG_ROLE
             | status::REPLICA_UNAVAILABLE
             | status::NOT_READY
-            | status::IO_ERROR => Err(Attempt::RefreshAndRetry),
+            | status::IO_ERROR
+            // The mapping changed: the next attempt, on a newer map, finds whether this SDC
+            // still holds it.
+            | status::MAPPING_STALE => Err(Attempt::RefreshAndRetry),
             status::MAP_BEHIND => Err(Attempt::Retry),
             status::NO_SPACE => Err(Attempt::Fatal(IoFailure::NoSpace)),
             status::INVALID => Err(Attempt::Fatal(IoFailure::Invalid)),

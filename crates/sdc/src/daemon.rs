@@ -34,7 +34,7 @@ pub async fn run_sdc(cfg: SdcConfig) -> anyhow::Result<()> {
         })
         .await
         .context("registering with the MDM")?;
-    let client = Arc::new(DataClient::new(control, cfg.secret.clone()));
+    let client = Arc::new(DataClient::new(control, cfg.secret.clone(), applied.id));
     client.refresh_now().await.context("fetching the cluster map")?;
     let exports = Arc::new(SdcExports { client, sdc_id: applied.id });
 

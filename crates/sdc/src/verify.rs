@@ -150,6 +150,7 @@ async fn verify_pass(
                     pg_epoch: pg.epoch,
                     offset_in_extent: 0,
                     length: 0,
+                    mapping_epoch: 0,
                 };
                 let crc = match conns.get(&r.sds_id) {
                     Some(c) => match c.call(kind::EXTENT_CHECKSUM, &[&h.encode()], DATA_CALL_TIMEOUT).await {

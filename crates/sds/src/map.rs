@@ -36,6 +36,8 @@ pub struct MapView {
     pub max_issued_id: u64,
     /// volume id -> (pool id, extents in the volume).
     pub volumes: HashMap<u64, (u64, u64)>,
+    /// volume id -> mapping epoch (bumped whenever the volume's SDCs change).
+    pub mapping_epochs: HashMap<u64, u64>,
     /// This SDS's devices: device id -> pool id.
     pub device_pools: HashMap<u64, u64>,
     /// SDSs the MDM has declared dead.
@@ -74,6 +76,7 @@ impl MapView {
                     Some((v.id, (v.pool_id, v.size_bytes.div_ceil(extent))))
                 })
                 .collect(),
+            mapping_epochs: state.volumes.values().map(|v| (v.id, v.mapping_epoch)).collect(),
             device_pools: state.devices_of_sds(sds_id).map(|d| (d.id, d.pool_id)).collect(),
             down_sdss: state.sdss.values().filter(|s| s.state == tessera_core::SdsState::Down).map(|s| s.id).collect(),
         }
@@ -142,6 +145,18 @@ pub fn check_io(map: &MapView, h: &IoHeader, is_write: bool) -> Result<Role, u32
         None if h.volume_id > map.max_issued_id => return Err(status::MAP_BEHIND),
         None => return Err(status::INVALID),
     }
+    // Fence: an SDC request must act on the volume's current mapping. One from before the
+    // volume was taken over by another node is refused (the SDC then finds it lost the
+    // mapping and fails the IO); a newer one means our map is behind.
+    if h.flags & (flags::REPLICA | flags::LOCAL_ONLY) == 0 {
+        let current = map.mapping_epochs.get(&h.volume_id).copied().unwrap_or(0);
+        if h.mapping_epoch < current {
+            return Err(status::MAPPING_STALE);
+        }
+        if h.mapping_epoch > current {
+            return Err(status::MAP_BEHIND);
+        }
+    }
     // The PG is derived from (volume, extent); a request naming another PG is a client bug.
     if pg_of_extent(h.volume_id, h.extent_index, pool.pg_count) != h.pg_id {
         return Err(status::INVALID);
@@ -200,7 +215,22 @@ mod tests {
             pg_epoch: epoch,
             offset_in_extent: 0,
             length: 4096,
+            mapping_epoch: 0,
         }
+    }
+
+    #[test]
+    fn requests_from_an_older_mapping_are_fenced() {
+        let mut m = map_with(1);
+        m.mapping_epochs.insert(9, 4);
+        let h = req(0, 3, 0);
+        assert_eq!(check_io(&m, &IoHeader { mapping_epoch: 3, ..h }, true), Err(status::MAPPING_STALE));
+        assert_eq!(check_io(&m, &IoHeader { mapping_epoch: 5, ..h }, true), Err(status::MAP_BEHIND));
+        assert!(check_io(&m, &IoHeader { mapping_epoch: 4, ..h }, true).is_ok());
+        // Copies forwarded by the primary and verification reads carry no mapping.
+        let mut m = map_with(2);
+        m.mapping_epochs.insert(9, 4);
+        assert!(check_io(&m, &IoHeader { flags: flags::REPLICA, ..h }, true).is_ok());
     }
 
     #[test]

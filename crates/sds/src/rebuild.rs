@@ -177,6 +177,7 @@ async fn run_job(sds: &Arc<SdsState>, key: JobKey, device_id: u64, progress: &Jo
         pg_epoch: epoch,
         offset_in_extent: 0,
         length,
+        mapping_epoch: 0,
     };
     let call = |kind_: u16, h: IoHeader, data: Vec<u8>| {
         let peer = peer.clone();

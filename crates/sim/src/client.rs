@@ -109,6 +109,7 @@ impl World {
             pg_epoch: pg.epoch,
             offset_in_extent: 0,
             length: 4096,
+            mapping_epoch: map.volumes.get(&o.key.0).map_or(0, |v| v.mapping_epoch),
         };
         let io = match o.kind {
             OpKind::Read => IoOp::Read,
@@ -131,7 +132,9 @@ impl World {
                     | status::WRONG_ROLE
                     | status::REPLICA_UNAVAILABLE
                     | status::NOT_READY
-                    | status::IO_ERROR,
+                    | status::IO_ERROR
+                    // Sim clients never lose their mappings: a newer map lets them retry.
+                    | status::MAPPING_STALE,
                 ..
             }) => self.client_retry(c, op, true),
             Ok(Resp::Io { status: status::MAP_BEHIND, .. }) => self.client_retry(c, op, false),

@@ -132,6 +132,7 @@ fn header(pool_id: u64, pg_id: u32, epoch: u64, key: (u64, u64)) -> IoHeader {
         pg_epoch: epoch,
         offset_in_extent: 0,
         length: 0,
+        mapping_epoch: 0,
     }
 }
 

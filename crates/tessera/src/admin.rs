@@ -417,12 +417,15 @@ impl Admin {
                 )
                 .await
             }
-            VolumeCmd::Map { name, sdc, allow_multi_map } => {
+            VolumeCmd::Map { name, sdc, allow_multi_map, preempt } => {
                 let s = self.state().await?;
                 let sdc = self.default_sdc(&s, sdc)?;
-                self.control
-                    .execute(Command::MapVolume { volume: name.clone(), sdc: sdc.clone(), allow_multi_map })
-                    .await?;
+                let cmd = if preempt {
+                    Command::TakeOverVolume { volume: name.clone(), sdc: sdc.clone() }
+                } else {
+                    Command::MapVolume { volume: name.clone(), sdc: sdc.clone(), allow_multi_map }
+                };
+                self.control.execute(cmd).await?;
                 let s = self.state().await?;
                 let x = s.sdc_by_name(&sdc).ok_or_else(|| anyhow!("SDC {sdc:?} vanished"))?;
                 let uri = format!("nbd+unix:///{name}?socket={}", x.nbd_socket);

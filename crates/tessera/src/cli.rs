@@ -322,6 +322,10 @@ pub enum VolumeCmd {
         sdc: Option<String>,
         #[arg(long)]
         allow_multi_map: bool,
+        /// Take the volume from whatever SDC holds it (REX-Ray's preempt): that SDC can no
+        /// longer write to it.
+        #[arg(long, conflicts_with = "allow_multi_map")]
+        preempt: bool,
     },
     Unmap {
         name: String,

@@ -227,6 +227,7 @@ fn malformed_data_frames_never_crash_an_sds() {
         pg_epoch: pg.epoch,
         offset_in_extent: 0,
         length: 4096,
+        mapping_epoch: volume.mapping_epoch,
     };
     assert!(pg.epoch > 0, "placement gives epochs from 1");
 
