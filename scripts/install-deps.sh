@@ -16,6 +16,11 @@ declare -A PACKAGE_OF=(
   [mkfs.ext4]=e2fsprogs
   [python3]=python3
   [nft]=nftables
+  [mkfs.xfs]=xfsprogs
+  [mkfs.btrfs]=btrfs-progs
+  [docker]=docker.io
+  [dockerd]=docker.io
+  [busybox]=busybox-static
 )
 
 missing=()

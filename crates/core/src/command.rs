@@ -9,6 +9,7 @@ use crate::error::CoreError;
 use crate::model::*;
 use crate::names::validate_name;
 use crate::placement::{place_pgs, Candidate};
+use crate::units::MIB;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -81,6 +82,13 @@ pub enum Command {
     },
     RemoveVolume {
         name: String,
+    },
+    /// Sets (or, with `None`, clears) the per-SDC IO limits of a volume. Both limits are
+    /// replaced: a limit not given becomes unlimited.
+    SetVolumeQos {
+        name: String,
+        iops_limit: Option<u64>,
+        bandwidth_limit_bytes_per_sec: Option<u64>,
     },
     /// Registers an SDC, or updates its export addresses if it exists.
     RegisterSdc {
@@ -423,6 +431,7 @@ impl ClusterState {
                         allow_multi_map: *allow_multi_map,
                         mapped_sdcs: BTreeSet::new(),
                         mapping_epoch: 0,
+                        qos: Default::default(),
                     },
                 );
                 Ok(Applied { id })
@@ -453,6 +462,18 @@ impl ClusterState {
                 }
                 let id = v.id;
                 self.volumes.remove(&id);
+                Ok(Applied { id })
+            }
+            Command::SetVolumeQos { name, iops_limit, bandwidth_limit_bytes_per_sec } => {
+                let qos = VolumeQos {
+                    iops_limit: *iops_limit,
+                    bandwidth_limit_bytes_per_sec: *bandwidth_limit_bytes_per_sec,
+                };
+                check_qos(&qos)?;
+                let id = lookup(self.volume_by_name(name), "volume", name)?.id;
+                if let Some(v) = self.volumes.get_mut(&id) {
+                    v.qos = qos;
+                }
                 Ok(Applied { id })
             }
             Command::RegisterSdc { name, nbd_socket, nbd_tcp_address } => {
@@ -645,6 +666,36 @@ fn check_volume_size(size_bytes: u64, pool: &StoragePool) -> Result<(), CoreErro
         return Err(CoreError::Invalid(format!("volume size {size_bytes} exceeds 1 PiB")));
     }
     Ok(())
+}
+
+/// Lowest IOPS limit accepted. A filesystem issues its own metadata and journal IO
+/// (superblock updates, journal commits) on top of the application's; limits below these
+/// would starve that IO, and mounts and journal commits would time out.
+pub const MIN_IOPS_LIMIT: u64 = 10;
+/// Lowest bandwidth limit accepted, for the same reason as [`MIN_IOPS_LIMIT`].
+pub const MIN_BANDWIDTH_LIMIT_BYTES_PER_SEC: u64 = MIB;
+
+fn check_qos(qos: &VolumeQos) -> Result<(), CoreError> {
+    match qos.iops_limit {
+        Some(0) => {
+            return Err(CoreError::Invalid("an IOPS limit of 0 would stop all IO; leave it unset for no limit".into()))
+        }
+        Some(n) if n < MIN_IOPS_LIMIT => {
+            return Err(CoreError::Invalid(format!(
+                "IOPS limit {n} is below the minimum of {MIN_IOPS_LIMIT}: a filesystem's own metadata IO would starve"
+            )))
+        }
+        _ => {}
+    }
+    match qos.bandwidth_limit_bytes_per_sec {
+        Some(0) => Err(CoreError::Invalid(
+            "a bandwidth limit of 0 would stop all IO; leave it unset for no limit".into(),
+        )),
+        Some(n) if n < MIN_BANDWIDTH_LIMIT_BYTES_PER_SEC => Err(CoreError::Invalid(format!(
+            "bandwidth limit {n} bytes/s is below the minimum of {MIN_BANDWIDTH_LIMIT_BYTES_PER_SEC} (1 MiB/s): a filesystem's own metadata IO would starve"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn validate_address(addr: &str) -> Result<(), CoreError> {
@@ -862,5 +913,70 @@ mod tests {
         assert!(s.apply(&Command::ResizeVolume { name: "v".into(), size_bytes: GIB }).is_err());
         ok(&mut s, Command::ResizeVolume { name: "v".into(), size_bytes: 4 * GIB });
         assert_eq!(s.volume_by_name("v").unwrap().size_bytes, 4 * GIB);
+    }
+
+    fn set_qos(name: &str, iops: Option<u64>, bandwidth: Option<u64>) -> Command {
+        Command::SetVolumeQos { name: name.into(), iops_limit: iops, bandwidth_limit_bytes_per_sec: bandwidth }
+    }
+
+    fn cluster_with_volume() -> ClusterState {
+        let mut s = three_sds_cluster();
+        ok(
+            &mut s,
+            Command::CreateVolume {
+                name: "v".into(),
+                pool: "p1".into(),
+                size_bytes: GIB,
+                thin: true,
+                allow_multi_map: false,
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn new_volumes_are_unlimited() {
+        let s = cluster_with_volume();
+        let v = s.volume_by_name("v").unwrap();
+        assert_eq!(v.qos, VolumeQos::default());
+        assert!(v.qos.is_unlimited());
+    }
+
+    #[test]
+    fn set_volume_qos_sets_and_clears_both_limits() {
+        let mut s = cluster_with_volume();
+        let id = ok(&mut s, set_qos("v", Some(300), Some(8 * MIB)));
+        assert_eq!(
+            s.volumes[&id].qos,
+            VolumeQos { iops_limit: Some(300), bandwidth_limit_bytes_per_sec: Some(8 * MIB) }
+        );
+        // A limit not given is cleared, not kept.
+        ok(&mut s, set_qos("v", None, Some(2 * MIB)));
+        assert_eq!(s.volumes[&id].qos, VolumeQos { iops_limit: None, bandwidth_limit_bytes_per_sec: Some(2 * MIB) });
+        ok(&mut s, set_qos("v", None, None));
+        assert!(s.volumes[&id].qos.is_unlimited());
+        // The minimums themselves are accepted.
+        ok(&mut s, set_qos("v", Some(MIN_IOPS_LIMIT), Some(MIN_BANDWIDTH_LIMIT_BYTES_PER_SEC)));
+    }
+
+    #[test]
+    fn set_volume_qos_refuses_zero_and_too_low_limits() {
+        let mut s = cluster_with_volume();
+        ok(&mut s, set_qos("v", Some(500), None));
+        let before = s.clone();
+        for (iops, bandwidth, says) in [
+            (Some(0), None, "IOPS limit of 0"),
+            (Some(MIN_IOPS_LIMIT - 1), None, "below the minimum"),
+            (None, Some(0), "bandwidth limit of 0"),
+            (None, Some(MIB - 1), "below the minimum"),
+            (Some(100), Some(0), "bandwidth limit of 0"),
+        ] {
+            match s.apply(&set_qos("v", iops, bandwidth)) {
+                Err(CoreError::Invalid(msg)) => assert!(msg.contains(says), "{iops:?}/{bandwidth:?}: {msg}"),
+                other => panic!("{iops:?}/{bandwidth:?} gave {other:?}"),
+            }
+        }
+        assert_eq!(s, before, "a refused limit changes nothing");
+        assert!(matches!(s.apply(&set_qos("nope", Some(100), None)), Err(CoreError::NotFound { .. })));
     }
 }

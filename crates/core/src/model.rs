@@ -153,6 +153,28 @@ pub struct Volume {
     pub mapped_sdcs: BTreeSet<u64>,
     /// Bumped on every mapping change; later used to fence an SDC that lost its mapping.
     pub mapping_epoch: u64,
+    /// Per-SDC limits (ScaleIO's per-volume-per-SDC limits): each SDC that maps the volume
+    /// holds its own IO to them. Absent in states written before limits existed.
+    #[serde(default)]
+    pub qos: VolumeQos,
+}
+
+/// IO limits one SDC applies to its own IO on a volume. `None` means unlimited. Set only by
+/// [`crate::Command::SetVolumeQos`], which refuses limits too low to be usable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeQos {
+    /// NBD requests per second (reads, writes, zeroing and trims; flushes are free).
+    pub iops_limit: Option<u64>,
+    /// Payload bytes per second: data read and written. Zeroing and trims carry no payload
+    /// and count against `iops_limit` only (`mkfs` discards a whole volume at once).
+    pub bandwidth_limit_bytes_per_sec: Option<u64>,
+}
+
+impl VolumeQos {
+    /// True when neither limit is set: the SDC skips its limiter altogether.
+    pub fn is_unlimited(&self) -> bool {
+        self.iops_limit.is_none() && self.bandwidth_limit_bytes_per_sec.is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use tessera_core::layout::pg_of_extent;
 use tessera_core::{ClusterState, SdsState, Volume};
-use tessera_proto::control::{ClientError, ControlClient};
+use tessera_proto::control::{ClientError, ControlClient, ControlRequest, ControlResponse, MAX_WAIT_FOR_CHANGE_MS};
 use tessera_proto::data::{flags, kind, status, IoHeader};
 use tessera_proto::rpc::RpcClient;
 use tessera_proto::ClusterSecret;
+
+use crate::qos::VolumeLimiter;
 
 /// One data request to an SDS that gets no reply in this time is retried.
 pub const DATA_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -18,6 +20,8 @@ pub const DATA_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one IO keeps retrying (map refreshes, reconnects) before it fails the caller.
 pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(60);
+/// Pause after a failed map long poll or refresh before asking again.
+const MAP_FOLLOW_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum IoFailure {
@@ -48,6 +52,10 @@ pub struct DataClient {
     connections: Mutex<HashMap<u64, RpcClient>>,
     /// Per volume: SDSs that took writes since the volume's last flush.
     unflushed: Mutex<HashMap<u64, HashSet<u64>>>,
+    /// Per volume with a limit set: the IO and bandwidth buckets of this SDC.
+    limiters: Mutex<HashMap<u64, VolumeLimiter>>,
+    /// The origin of the times the limiters are given.
+    limiter_epoch: tokio::time::Instant,
 }
 
 impl DataClient {
@@ -61,6 +69,65 @@ impl DataClient {
             refresh_lock: tokio::sync::Mutex::new(()),
             connections: Mutex::new(HashMap::new()),
             unflushed: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+            limiter_epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Follows map changes as they are committed (a long poll, as the SDSs do), so that a
+    /// change nothing else would make this SDC fetch — a volume's new limits — applies within
+    /// moments. `watch` is a control client of its own: the poll holds its call for up to
+    /// `MAX_WAIT_FOR_CHANGE_MS`, and also serves as a refresh at least that often. Runs for
+    /// the life of the SDC.
+    pub async fn follow_map(self: Arc<Self>, watch: ControlClient) {
+        loop {
+            let after_version = self.map().version;
+            let request = ControlRequest::WaitForChange { after_version, timeout_ms: MAX_WAIT_FOR_CHANGE_MS };
+            match watch.request(&request).await {
+                Ok(ControlResponse::Version(v)) if v > after_version => match self.refresh_now().await {
+                    Ok(()) => self.forget_unused_limiters(),
+                    Err(e) => {
+                        tracing::warn!("map refresh failed: {e}");
+                        tokio::time::sleep(MAP_FOLLOW_RETRY).await;
+                    }
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!("waiting for map changes: {e}");
+                    tokio::time::sleep(MAP_FOLLOW_RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// Drops the buckets of volumes that lost their limits (or were removed), so that a
+    /// limit set again later starts afresh with a full burst.
+    fn forget_unused_limiters(&self) {
+        let map = self.map();
+        self.limiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| map.state.volumes.get(id).is_some_and(|v| !v.qos.is_unlimited()));
+    }
+
+    /// Holds one NBD request of `payload_bytes` until the volume's limits admit it. The
+    /// limits are read from the current map, so a `SetVolumeQos` applies from the next map
+    /// refresh. The request waits rather than fails: an NBD client sees a slower volume,
+    /// never an error.
+    async fn throttle(&self, volume_id: u64, payload_bytes: u64) {
+        let map = self.map();
+        let Some(qos) = map.state.volumes.get(&volume_id).map(|v| &v.qos) else { return };
+        // The common case costs no lock: a volume without limits skips the limiter.
+        if qos.is_unlimited() {
+            return;
+        }
+        let now = self.limiter_epoch.elapsed();
+        let wait = {
+            let mut limiters = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+            limiters.entry(volume_id).or_default().reserve(qos, payload_bytes, now)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -262,6 +329,7 @@ impl DataClient {
 
     /// Reads `buf.len()` bytes at byte `offset` of the volume.
     pub async fn read(&self, volume: &Volume, extent_size: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoFailure> {
+        self.throttle(volume.id, buf.len() as u64).await;
         let mut done = 0usize;
         for piece in pieces(offset, buf.len() as u64, extent_size) {
             let bytes = self.extent_call(volume, ExtentIo::new(kind::READ, piece, 0), &[]).await?;
@@ -279,6 +347,7 @@ impl DataClient {
         data: &[u8],
         fua: bool,
     ) -> Result<(), IoFailure> {
+        self.throttle(volume.id, data.len() as u64).await;
         let io_flags = if fua { flags::FUA } else { 0 };
         let mut done = 0usize;
         for piece in pieces(offset, data.len() as u64, extent_size) {
@@ -299,6 +368,9 @@ impl DataClient {
         len: u64,
         fua: bool,
     ) -> Result<(), IoFailure> {
+        // No payload crosses the network: one IO, no bandwidth. (Counting the range would
+        // hold `mkfs`'s discard of a whole volume for minutes under a bandwidth limit.)
+        self.throttle(volume.id, 0).await;
         let io_flags = if fua { flags::FUA } else { 0 };
         for piece in pieces(offset, len, extent_size) {
             self.extent_call(volume, ExtentIo::new(op, piece, io_flags), &[]).await?;
@@ -307,7 +379,8 @@ impl DataClient {
     }
 
     /// Makes every completed write to the volume durable on both copies: each primary that
-    /// took writes flushes itself and the secondaries it forwarded to.
+    /// took writes flushes itself and the secondaries it forwarded to. Not limited: a flush
+    /// moves no data from this SDC, and holding it would only stall the writes it orders.
     pub async fn flush(&self, volume_id: u64) -> Result<(), IoFailure> {
         let deadline = tokio::time::Instant::now() + IO_RETRY_BUDGET;
         let mut backoff = Duration::from_millis(5);

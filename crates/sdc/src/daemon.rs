@@ -36,6 +36,7 @@ pub async fn run_sdc(cfg: SdcConfig) -> anyhow::Result<()> {
         .context("registering with the MDM")?;
     let client = Arc::new(DataClient::new(control, cfg.secret.clone(), applied.id));
     client.refresh_now().await.context("fetching the cluster map")?;
+    tokio::spawn(client.clone().follow_map(ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone())));
     let exports = Arc::new(SdcExports { client, sdc_id: applied.id });
 
     // A socket file left by a previous run would make bind fail.

@@ -474,6 +474,27 @@ impl Admin {
                 let v = s.volume_by_name(&name).ok_or_else(|| anyhow!("volume {name:?} not found"))?;
                 print_json(v)
             }
+            VolumeCmd::SetQos { name, iops, bandwidth, unlimited } => {
+                if !unlimited && iops.is_none() && bandwidth.is_none() {
+                    bail!("give --iops, --bandwidth or --unlimited");
+                }
+                // Parsed before asking the MDM, so a typo never changes anything.
+                let iops = iops.as_deref().map(parse_iops_limit).transpose()?;
+                let bandwidth = bandwidth.as_deref().map(parse_bandwidth_limit).transpose()?;
+                let s = self.state().await?;
+                let current = s.volume_by_name(&name).ok_or_else(|| anyhow!("volume {name:?} not found"))?.qos.clone();
+                let (iops_limit, bandwidth_limit_bytes_per_sec) = if unlimited {
+                    (None, None)
+                } else {
+                    (iops.unwrap_or(current.iops_limit), bandwidth.unwrap_or(current.bandwidth_limit_bytes_per_sec))
+                };
+                let qos = tessera_core::VolumeQos { iops_limit, bandwidth_limit_bytes_per_sec };
+                self.exec(
+                    Command::SetVolumeQos { name: name.clone(), iops_limit, bandwidth_limit_bytes_per_sec },
+                    &format!("volume {name} limits: {}", describe_qos(&qos)),
+                )
+                .await
+            }
             VolumeCmd::Verify { name } => {
                 let report = tessera_sdc::verify::verify_volume(&self.control, &self.config.secret()?, &name)
                     .await
@@ -516,6 +537,12 @@ impl Admin {
                 }
                 Ok(())
             }
+            VolumeCmd::Mount { .. }
+            | VolumeCmd::Unmount { .. }
+            | VolumeCmd::Path { .. }
+            | VolumeCmd::Attach { .. }
+            | VolumeCmd::Detach { .. }
+            | VolumeCmd::Refs => bail!("this verb acts on this node and is served by the volume service"),
         }
     }
 
@@ -547,6 +574,30 @@ impl Admin {
             }
         }
     }
+}
+
+/// `--iops N`: `Some(n)`, or `None` (no limit) for 0.
+fn parse_iops_limit(text: &str) -> anyhow::Result<Option<u64>> {
+    let n: u64 = text.trim().parse().map_err(|_| {
+        anyhow!("invalid IOPS limit {text:?}: expected a whole number of requests per second (0 for no limit)")
+    })?;
+    Ok((n > 0).then_some(n))
+}
+
+/// `--bandwidth SIZE[/s]`: `Some(bytes per second)`, or `None` (no limit) for 0.
+fn parse_bandwidth_limit(text: &str) -> anyhow::Result<Option<u64>> {
+    let size = text.trim();
+    let size = size.strip_suffix("/s").or_else(|| size.strip_suffix("/S")).unwrap_or(size);
+    let bytes = parse_size_bytes(size)
+        .map_err(|e| anyhow!("invalid bandwidth limit {text:?} (expected e.g. 10MiB/s, 0 for no limit): {e}"))?;
+    Ok((bytes > 0).then_some(bytes))
+}
+
+fn describe_qos(qos: &tessera_core::VolumeQos) -> String {
+    let iops = qos.iops_limit.map_or("unlimited IOPS".into(), |n| format!("{n} IOPS"));
+    let bandwidth =
+        qos.bandwidth_limit_bytes_per_sec.map_or("unlimited bandwidth".into(), |b| format!("{}/s", format_size(b)));
+    format!("{iops}, {bandwidth}")
 }
 
 /// Rebuild progress: a bar when stdout is a terminal, one plain line otherwise.
@@ -634,4 +685,26 @@ fn pool_json(s: &ClusterState, p: &tessera_core::StoragePool) -> serde_json::Val
         "devices": s.devices_of_pool(p.id).count(),
         "volumes": s.volumes_of_pool(p.id).count(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_core::units::MIB;
+
+    #[test]
+    fn qos_limits_parse_and_zero_clears() {
+        assert_eq!(parse_iops_limit("300").unwrap(), Some(300));
+        assert_eq!(parse_iops_limit("0").unwrap(), None);
+        assert!(parse_iops_limit("fast").unwrap_err().to_string().contains("invalid IOPS limit"));
+        assert!(parse_iops_limit("-5").is_err());
+        assert_eq!(parse_bandwidth_limit("10MiB").unwrap(), Some(10 * MIB));
+        assert_eq!(parse_bandwidth_limit("8MiB/s").unwrap(), Some(8 * MIB));
+        assert_eq!(parse_bandwidth_limit("0").unwrap(), None);
+        assert!(parse_bandwidth_limit("lots").unwrap_err().to_string().contains("invalid bandwidth limit"));
+        assert_eq!(
+            describe_qos(&tessera_core::VolumeQos { iops_limit: Some(300), bandwidth_limit_bytes_per_sec: None }),
+            "300 IOPS, unlimited bandwidth"
+        );
+    }
 }

@@ -57,6 +57,12 @@ pub enum Top {
     Volume(VolumeCmd),
     #[command(subcommand)]
     Sdc(SdcCmd),
+    /// dvdcli-compatible volume commands against any Docker volume plugin (also run as
+    /// `dvdcli` through a link named so).
+    Dvdcli {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -81,6 +87,10 @@ pub struct UpArgs {
     /// Return once the cluster is ready instead of staying in the foreground.
     #[arg(long)]
     pub detach: bool,
+    /// Docker volume plugin socket of the local volume service (first start only; its file
+    /// name is the driver name).
+    #[arg(long, default_value = tessera_volumes::config::DEFAULT_PLUGIN_SOCKET)]
+    pub plugin_socket: std::path::PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -109,6 +119,8 @@ pub enum DaemonCmd {
         #[arg(long, env = "TESSERA_REBUILD_MIB_PER_SEC", default_value_t = 256)]
         rebuild_mib_per_sec: u64,
     },
+    /// The volume service of this node: the Docker volume plugin (settings: `[volumes]`).
+    Volumes,
     Sdc {
         #[arg(long)]
         name: String,
@@ -290,6 +302,7 @@ pub enum DeviceCmd {
 
 #[derive(Subcommand)]
 pub enum VolumeCmd {
+    #[command(visible_alias = "c", alias = "n", alias = "new")]
     Create {
         name: String,
         #[arg(long)]
@@ -303,12 +316,53 @@ pub enum VolumeCmd {
         #[arg(long)]
         allow_multi_map: bool,
     },
-    #[command(alias = "ls")]
+    #[command(alias = "ls", alias = "l")]
     List,
     #[command(alias = "inspect")]
     Show { name: String },
-    #[command(alias = "rm")]
+    #[command(alias = "rm", alias = "r", alias = "delete", alias = "del")]
     Remove { name: String },
+    /// Attach (map to this node and give it a block device), format if blank, and mount at
+    /// `<mount path>/NAME`; prints the path handed to tasks (REX-Ray `volume mount`).
+    #[command(alias = "m")]
+    Mount {
+        name: String,
+        /// Creation options if the volume must be created: size, iops, bandwidth,
+        /// volumetype, newfstype, overwritefs, thick (`-o size=5 -o newfstype=xfs`).
+        #[arg(short = 'o', long = "opt")]
+        opts: Vec<String>,
+        /// Fail if the volume does not exist instead of creating it.
+        #[arg(long)]
+        explicit_create: bool,
+        /// Caller id the reference is counted under.
+        #[arg(long, default_value = "cli")]
+        id: String,
+    },
+    /// Drop a reference; at the last one unmount, detach and unmap.
+    #[command(alias = "u", alias = "umount")]
+    Unmount {
+        name: String,
+        #[arg(long, default_value = "cli")]
+        id: String,
+        /// Unmount whatever the count (REX-Ray ignoreUsedCount).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The path of a volume mounted on this node (nothing if it is not).
+    Path { name: String },
+    /// Map to this node and give the host a block device; prints its path.
+    #[command(alias = "a")]
+    Attach {
+        name: String,
+        /// Take the volume from another node (that node can no longer write to it).
+        #[arg(long)]
+        preempt: bool,
+    },
+    /// Undo `attach` (the volume must not be mounted).
+    #[command(alias = "d")]
+    Detach { name: String },
+    /// Reference counts of the volumes mounted on this node.
+    Refs,
     /// Grow a volume (it never shrinks).
     Grow {
         name: String,
@@ -334,6 +388,20 @@ pub enum VolumeCmd {
     },
     /// Compare both copies of every allocated extent (exit 1 on any difference).
     Verify { name: String },
+    /// Limit the IO each SDC sends to the volume (ScaleIO's per-SDC volume limits). A limit
+    /// not given is kept; 0 clears it. Applies within moments on every SDC.
+    SetQos {
+        name: String,
+        /// Requests per second (at least 10; 0 for no limit).
+        #[arg(long, value_name = "N")]
+        iops: Option<String>,
+        /// Bytes per second, e.g. 10MiB or 10MiB/s (at least 1MiB; 0 for no limit).
+        #[arg(long, value_name = "SIZE/s")]
+        bandwidth: Option<String>,
+        /// Clear both limits.
+        #[arg(long, conflicts_with_all = ["iops", "bandwidth"])]
+        unlimited: bool,
+    },
 }
 
 #[derive(Subcommand)]

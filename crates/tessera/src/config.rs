@@ -22,6 +22,9 @@ pub struct ClientConfig {
     /// Present in configs written by `tessera up`: how to restart the local cluster.
     #[serde(default)]
     pub local: Option<LocalLayout>,
+    /// The volume service on this node (REX-Ray's settings); defaults when absent.
+    #[serde(default)]
+    pub volumes: Option<tessera_volumes::config::VolumeServiceConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +50,9 @@ impl ClientConfig {
         cfg.cluster_id()?;
         if cfg.mdm.is_empty() {
             return Err(anyhow!("config {} names no MDM address", path.display()));
+        }
+        if let Some(v) = &cfg.volumes {
+            v.validate().map_err(|e| anyhow!("config {}: {e}", path.display()))?;
         }
         Ok(cfg)
     }

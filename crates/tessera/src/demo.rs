@@ -43,7 +43,7 @@ fn free_port_base() -> u16 {
 pub async fn demo(keep: bool) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("tessera-demo-{}", std::process::id()));
     let result = demo_in(&dir).await;
-    let stopped = local::down(&dir);
+    let stopped = local::stop(&dir).await;
     if let Err(e) = stopped {
         eprintln!("warning: stopping the demo cluster: {e:#}");
     }
@@ -71,6 +71,7 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
         ip: "127.0.0.1".into(),
         base_port: free_port_base(),
         detach: true,
+        plugin_socket: dir.join("tessera-plugin.sock"),
     };
     let cfg = local::up(&args).await?;
     let control = ControlClient::new(cfg.mdm.clone(), cfg.secret()?);
@@ -130,7 +131,7 @@ async fn demo_in(dir: &Path) -> anyhow::Result<()> {
         s.leader_id.map_or("?".into(), |l| l.to_string())
     );
     step(8, total, "stopping every daemon and starting the cluster again (sds-2 returns and rejoins empty)");
-    local::down(dir)?;
+    local::stop(dir).await?;
     let restart = UpArgs { sds: None, ..args };
     local::up(&restart).await?;
 

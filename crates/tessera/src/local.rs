@@ -150,6 +150,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
                 device_size_bytes,
                 mdm_count,
             }),
+            volumes: Some(crate::volumes::local_config(&dir, &args.plugin_socket)),
         };
         cfg.save(&cfg_path)?;
         cfg
@@ -225,6 +226,9 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
             &["sdc".into(), "--name".into(), LOCAL_SDC.into(), "--socket".into(), socket.display().to_string()],
         )?,
     ));
+    let volumes = cfg.volumes.clone().unwrap_or_default();
+    crate::volumes::check_local_socket(&volumes.plugin_socket)?;
+    pids.push(("volumes-1".to_string(), spawn_daemon(&dir, "volumes-1", &cfg_arg, &["volumes".into()])?));
     let expect_sds = layout.sds_count as usize;
     wait_for(&dir, &pids, "SDSs, devices and the SDC to be ready", || async {
         let (Ok(status), Ok(view)) = (control.status().await, control.state().await) else { return false };
@@ -232,7 +236,8 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
         let devices_ready = view.state.devices.values().all(|d| d.state == DeviceState::Normal);
         let placed = expect_sds < 2 || status.pgs.unplaced_pgs == 0;
         let sdc = view.state.sdc_by_name(LOCAL_SDC).is_some() && socket.exists();
-        sds_up && devices_ready && placed && sdc
+        let plugin = std::os::unix::net::UnixStream::connect(&volumes.plugin_socket).is_ok();
+        sds_up && devices_ready && placed && sdc && plugin
     })
     .await?;
     Ok(cfg)
@@ -339,6 +344,25 @@ where
     }
 }
 
+/// Stops the local cluster in `dir`: first the volume service's mounts and attachments are
+/// released while the SDC still serves them (a FUSE file whose SDC is gone would hang its
+/// readers), then every daemon.
+pub async fn stop(dir: &Path) -> anyhow::Result<usize> {
+    if let Ok(cfg) = ClientConfig::load(&config_path(dir)) {
+        if cfg.volumes.is_some() {
+            match crate::volumes::service(&cfg) {
+                Ok(svc) => {
+                    for problem in svc.release_all_local().await {
+                        eprintln!("warning: releasing a volume: {problem}");
+                    }
+                }
+                Err(e) => eprintln!("warning: volume service: {e:#}"),
+            }
+        }
+    }
+    down(dir)
+}
+
 /// Stops every daemon of the local cluster in `dir`: SDC first, then SDSs, then the MDM.
 pub fn down(dir: &Path) -> anyhow::Result<usize> {
     if !dir.is_dir() {
@@ -350,7 +374,7 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
         .collect();
     let rank = |p: &PathBuf| {
         let n = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        if n.starts_with("sdc") {
+        if n.starts_with("sdc") || n.starts_with("volumes") {
             0
         } else if n.starts_with("sds") {
             1

@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod local;
 mod table;
+mod volumes;
 
 use std::process::ExitCode;
 
@@ -33,13 +34,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !args.detach {
                 eprintln!("running in the foreground; Ctrl-C stops the cluster");
                 tokio::signal::ctrl_c().await?;
-                local::down(&args.dir)?;
+                local::stop(&args.dir).await?;
             }
             let _ = cfg;
             Ok(())
         }
         Top::Down { dir } => {
-            let n = local::down(&dir)?;
+            let n = local::stop(&dir).await?;
             println!("stopped {n} daemon(s)");
             Ok(())
         }
@@ -68,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .await
                 }
+                DaemonCmd::Volumes => volumes::run_daemon(&cfg).await,
                 DaemonCmd::Sdc { name, socket, nbd_tcp } => {
                     tessera_sdc::run_sdc(tessera_sdc::SdcConfig {
                         name,
@@ -87,7 +89,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Top::Pool(c) => admin::Admin::new(load()?, cli.json)?.pool(c).await,
         Top::Sds(c) => admin::Admin::new(load()?, cli.json)?.sds(c).await,
         Top::Device(c) => admin::Admin::new(load()?, cli.json)?.device(c).await,
-        Top::Volume(c) => admin::Admin::new(load()?, cli.json)?.volume(c).await,
+        Top::Volume(c) => {
+            let cfg = load()?;
+            match volumes::node_verb(&cfg, &c, cli.json).await {
+                Some(result) => result,
+                None => admin::Admin::new(cfg, cli.json)?.volume(c).await,
+            }
+        }
+        Top::Dvdcli { args } => volumes::dvdcli(&args).await,
         Top::Sdc(c) => admin::Admin::new(load()?, cli.json)?.sdc(c).await,
     }
 }
@@ -109,7 +118,15 @@ fn runtime_builder() -> tokio::runtime::Builder {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Installed as `dvdcli` (a link to this binary), behave as dvdcli.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let cli = if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "dvdcli") {
+        let mut args: Vec<std::ffi::OsString> = vec!["tessera".into(), "dvdcli".into()];
+        args.extend(std::env::args_os().skip(1));
+        Cli::parse_from(args)
+    } else {
+        Cli::parse()
+    };
     init_logging(matches!(cli.command, Top::Daemon(_)));
     let runtime = match runtime_builder().enable_all().build() {
         Ok(r) => r,

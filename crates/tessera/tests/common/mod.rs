@@ -236,6 +236,12 @@ impl Cluster {
     /// A local cluster with `mdm_count` MDMs (1, 3 or 5; `up --mdm`): MDM n listens on
     /// 127.0.0.(10+n):base+n-1 when there are several.
     pub fn start_full(mdm_count: u32, sds_count: u32, device_size: &str) -> Cluster {
+        Cluster::start_with_plugin(mdm_count, sds_count, device_size, None)
+    }
+
+    /// [`Cluster::start_full`] with the volume service's Docker plugin socket at `plugin`
+    /// (default: inside the cluster directory, where Docker does not look).
+    pub fn start_with_plugin(mdm_count: u32, sds_count: u32, device_size: &str, plugin: Option<&Path>) -> Cluster {
         let base_port = reserve_port_range();
         let cluster = Cluster {
             dir: fresh_dir(&format!("p{base_port}")),
@@ -250,6 +256,8 @@ impl Cluster {
                 .arg("--dir")
                 .arg(&cluster.dir)
                 .args(["--mdm", &mdm_count.to_string()])
+                .arg("--plugin-socket")
+                .arg(plugin.map_or_else(|| cluster.dir.join("tessera-plugin.sock"), Path::to_path_buf))
                 .args(["--sds", &sds_count.to_string(), "--device-size", device_size])
                 .args(["--base-port", &base_port.to_string(), "--detach"]),
             UP_TIMEOUT,
@@ -378,6 +386,7 @@ impl Cluster {
         let mut ids: Vec<String> = (1..=self.mdm_count).map(|n| format!("mdm-{n}")).collect();
         ids.extend((1..=self.sds_count).map(|n| format!("sds-{n}")));
         ids.push("sdc-1".to_string());
+        ids.push("volumes-1".to_string());
         ids
     }
 
