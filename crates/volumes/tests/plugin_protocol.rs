@@ -50,10 +50,6 @@ struct FakeVolume {
 }
 
 impl FakeApi {
-    fn with_real_mount_dirs(root: &Path) -> FakeApi {
-        FakeApi { mount_root: root.to_path_buf(), create_mount_dirs: true, ..FakeApi::default() }
-    }
-
     fn mountpoint(&self, name: &str) -> String {
         self.mount_root.join(name).display().to_string()
     }
@@ -808,89 +804,5 @@ async fn serve_creates_the_socket_directory() {
     task.abort();
 }
 
-// ---------------------------------------------------------------------------------------------
-// A real Docker engine
-
-/// Runs the docker CLI (on `DOCKER_HOST` if set); returns (success, stdout, stderr).
-async fn docker(args: &[&str]) -> (bool, String, String) {
-    let output = tokio::process::Command::new("docker").args(args).output().await.expect("docker CLI");
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_string();
-    (output.status.success(), text(&output.stdout), text(&output.stderr))
-}
-
-/// An image holding only a static busybox, made from the host's.
-async fn busybox_image(work: &Path) -> &'static str {
-    const IMAGE: &str = "tessera-test-busybox:1";
-    if docker(&["image", "inspect", IMAGE]).await.0 {
-        return IMAGE;
-    }
-    let root = work.join("image");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("a static /bin/busybox");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    let tar = work.join("image.tar");
-    let status = std::process::Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".").status().unwrap();
-    assert!(status.success());
-    let (ok, _, err) = docker(&["import", tar.to_str().unwrap(), IMAGE]).await;
-    assert!(ok, "{err}");
-    IMAGE
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// The plugin under a real Docker engine: `docker volume` verbs and a container writing to
-/// the volume. Needs a running engine (`DOCKER_HOST`), write access to /run/docker/plugins
-/// and a static /bin/busybox for the image, so it only runs when asked:
-/// `cargo test -p tessera-volumes --test plugin_protocol -- --ignored`.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs a Docker engine, root and /bin/busybox"]
-async fn docker_engine_drives_the_plugin() {
-    let driver = format!("tessera-test-{}", std::process::id());
-    let socket = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
-    let work = TempDir::new("docker");
-    let api = Arc::new(FakeApi::with_real_mount_dirs(&work.0.join("mnt")));
-    let listener = plugin::bind(&socket).unwrap();
-    let _socket_file = RemoveOnDrop(socket.clone());
-    let server = tokio::spawn(plugin::serve_listener(listener, api.clone(), Limits::default()));
-    let volume = format!("{driver}-vol");
-
-    let (ok, _, err) = docker(&["volume", "create", "-d", &driver, "-o", "size=8", "-o", "x=a=b", &volume]).await;
-    assert!(ok, "{err}");
-    assert_eq!(api.opts(&volume).unwrap(), Opts::from([("size".into(), "8".into()), ("x".into(), "a=b".into())]));
-    let (ok, out, err) = docker(&["volume", "inspect", &volume]).await;
-    assert!(ok, "{err}");
-    let inspected: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(inspected[0]["Driver"], driver.as_str());
-    assert_eq!(inspected[0]["Scope"], "global");
-    assert_eq!(inspected[0]["Status"]["size_gib"], 8);
-    let (ok, out, _) = docker(&["volume", "ls", "-q", "--filter", &format!("driver={driver}")]).await;
-    assert!(ok && out.lines().any(|l| l == volume), "{out}");
-
-    // A container writes through the mountpoint; Docker mounts and unmounts with its ID.
-    let image = busybox_image(&work.0).await;
-    let bind = format!("{volume}:/data");
-    let (ok, _, err) = docker(&["run", "--rm", "-v", &bind, image, "/bin/sh", "-c", "echo hi > /data/hello"]).await;
-    assert!(ok, "{err}");
-    assert_eq!(std::fs::read_to_string(work.0.join("mnt").join(&volume).join("hello")).unwrap(), "hi\n");
-    let calls = api.calls();
-    let mount = calls.iter().find(|c| c.starts_with(&format!("mount {volume} "))).expect("a Mount call");
-    let id = mount.rsplit(' ').next().unwrap();
-    assert!(id.len() > 10, "Docker sends a caller ID: {mount}");
-    assert!(calls.contains(&format!("unmount {volume} {id}")), "{calls:?}");
-
-    // Errors reach the user as the plugin's message, not as raw JSON.
-    let (ok, _, err) = docker(&["volume", "create", "-d", &driver, "bad/name"]).await;
-    assert!(!ok);
-    assert!(err.contains("bad volume name \"bad/name\"") && !err.contains("{\""), "{err}");
-
-    let (ok, _, err) = docker(&["volume", "rm", &volume]).await;
-    assert!(ok, "{err}");
-    assert!(api.opts(&volume).is_none());
-    server.abort();
-}
+// The plugin under a real Docker engine, behind the whole volume service, is tested in
+// crates/tessera/tests/docker.rs.
