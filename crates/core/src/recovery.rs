@@ -214,6 +214,13 @@ impl ClusterState {
 /// it has stopped serving before anyone replaces its copies. Each command names the other
 /// SDSs without a lease, so no copy on one of them is promoted.
 pub fn liveness_commands(state: &ClusterState, lease: impl Fn(u64) -> LeaseStatus) -> Vec<crate::Command> {
+    // A new leader knows nothing of the leases yet (`Unknown` until it has waited a whole
+    // lease). Re-peering then would count every SDS it has not heard from as unresponsive and
+    // could promote no survivor at all, so nothing is declared — not even an SDS proved dead —
+    // until every live SDS's lease status is known.
+    if state.sdss.values().any(|s| s.state != SdsState::Down && lease(s.id) == LeaseStatus::Unknown) {
+        return Vec::new();
+    }
     let unresponsive: Vec<u64> =
         state.sdss.values().filter(|s| lease(s.id) != LeaseStatus::Held).map(|s| s.id).collect();
     let mut out = Vec::new();
@@ -409,6 +416,15 @@ mod tests {
         let lease_of =
             |dead: u64, status: LeaseStatus| move |id: u64| if id == dead { status } else { LeaseStatus::Held };
         assert!(liveness_commands(&s, lease_of(a, LeaseStatus::Unknown)).is_empty(), "unknown is not dead");
+        // A new leader that has not heard from b yet declares nothing, not even a proved death:
+        // b would otherwise count as unresponsive and a's PGs could lose their survivor.
+        let b = sds_id(&s, "s1");
+        let new_leader = |id: u64| match id {
+            x if x == a => LeaseStatus::Expired,
+            x if x == b => LeaseStatus::Unknown,
+            _ => LeaseStatus::Held,
+        };
+        assert!(liveness_commands(&s, new_leader).is_empty());
         let cmds = liveness_commands(&s, lease_of(a, LeaseStatus::Expired));
         assert_eq!(cmds, vec![Command::DeclareSdsDown { sds_id: a, unresponsive: vec![] }]);
         s.apply(&cmds[0]).unwrap();
