@@ -63,6 +63,14 @@ pub enum Top {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run a task with the volumes its environment names (mesos-module-dvdi's
+    /// `DVDI_VOLUME_NAME[1-9]`, `_DRIVER`, `_OPTS`, `_CONTAINERPATH`, `_EXPLICITCREATE`):
+    /// mount all or none, run, forward signals, unmount, exit with the task's code.
+    Run {
+        /// The command and its arguments (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Args)]

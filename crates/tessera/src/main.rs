@@ -97,6 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Top::Dvdcli { args } => volumes::dvdcli(&args).await,
+        Top::Run { command } => volumes::run_task(&command).await,
         Top::Sdc(c) => admin::Admin::new(load()?, cli.json)?.sdc(c).await,
     }
 }

@@ -96,6 +96,21 @@ pub async fn dvdcli(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tessera run -- CMD`: exits with the task's exit code (or the launcher's, if the task
+/// never ran).
+pub async fn run_task(command: &[String]) -> anyhow::Result<()> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = tessera_volumes::dvdcli::Config::from_env();
+    let code = match tessera_volumes::launcher::run(&env, command, &config).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    };
+    std::process::exit(code)
+}
+
 /// The `[volumes]` table `up` writes for a local cluster: everything under its directory
 /// except the plugin socket.
 pub fn local_config(dir: &std::path::Path, plugin_socket: &std::path::Path) -> VolumeServiceConfig {

@@ -226,3 +226,63 @@ fn dvdcli_mounts_through_the_plugin() {
     let out = dvdcli(&["mount", driver, "--volumename=dv", "--volumeopts=noequals"]);
     assert!(!out.status.success() && text(&out.stderr).contains("noequals"), "{}", describe(&out));
 }
+
+/// `tessera run` with DVDI_VOLUME_* variables against the local plugin: all volumes or
+/// none, the task's exit code, bind mounts at container paths in the task's own mount
+/// namespace, and everything unmounted afterwards.
+#[test]
+fn dvdi_launcher_mounts_all_or_nothing() {
+    let c = Cluster::start(3);
+    let launch = |vars: &[(&str, &str)], command: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("--").args(command);
+        cmd.env("TESSERA_PLUGIN_SOCKET_DIRS", &c.dir).env("TESSERA_PLUGIN_SPEC_DIRS", &c.dir);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        run(&mut cmd, CLI_TIMEOUT)
+    };
+    let marker = c.dir.join("task-ran");
+    let touch = format!("touch {}", marker.display());
+    // The third volume cannot be created: the other two must end unmounted, the task unrun.
+    let out = launch(
+        &[
+            ("DVDI_VOLUME_NAME", "run-a"),
+            ("DVDI_VOLUME_DRIVER", "tessera-plugin"),
+            ("DVDI_VOLUME_OPTS", "size=1"),
+            ("DVDI_VOLUME_NAME1", "run-b"),
+            ("DVDI_VOLUME_DRIVER1", "tessera-plugin"),
+            ("DVDI_VOLUME_OPTS1", "size=1"),
+            ("DVDI_VOLUME_NAME2", "run-c"),
+            ("DVDI_VOLUME_DRIVER2", "tessera-plugin"),
+            ("DVDI_VOLUME_OPTS2", "newfstype=ntfs"),
+        ],
+        &["sh", "-c", &touch],
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(!marker.exists(), "the task ran although a volume failed");
+    for v in ["run-a", "run-b", "run-c"] {
+        assert!(findmnt_source(&c.dir.join("volumes").join(v)).is_none(), "{v} left mounted: {}", describe(&out));
+    }
+    assert!(refs(&c).as_object().is_none_or(|m| m.is_empty()), "references left: {}", refs(&c));
+
+    // Success: a container path bound in the task's namespace; the exit code comes back.
+    let inside = "/tmp/tessera-run-test-data";
+    let out = launch(
+        &[
+            ("DVDI_VOLUME_NAME", "run-a"),
+            ("DVDI_VOLUME_DRIVER", "tessera-plugin"),
+            ("DVDI_VOLUME_CONTAINERPATH", inside),
+        ],
+        &["sh", "-c", &format!("echo from-task > {inside}/out && grep -q {inside} /proc/self/mountinfo && exit 7")],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    assert!(findmnt_source(&c.dir.join("volumes/run-a")).is_none(), "run-a left mounted after the task");
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(inside), "the bind leaked out");
+    let path = c.ok(&["volume", "mount", "run-a"]);
+    assert_eq!(std::fs::read_to_string(Path::new(path.trim()).join("out")).expect("task output"), "from-task\n");
+    c.ok(&["volume", "unmount", "run-a"]);
+    // Shell metacharacters are refused before anything is mounted.
+    let out = launch(&[("DVDI_VOLUME_NAME", "x;rm -rf /")], &["true"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("DVDI_VOLUME_NAME"), "{}", describe(&out));
+}

@@ -463,7 +463,8 @@ impl Outcome {
 /// arguments) with `env` plus `DVDI_VOLUME_PATH[n]`, unmounts, and returns the exit code for
 /// the launcher. Unmount failures are reported on stderr. `Err` means the command did not
 /// run (its [`LaunchError::exit_code`] is what to exit with); every volume mounted before the
-/// failure has been unmounted again.
+/// failure has been unmounted again. Needs a Tokio runtime with its I/O, time, signal and
+/// process drivers (`enable_all`).
 pub async fn run(env: &[(String, String)], command: &[String], config: &Config) -> Result<i32, LaunchError> {
     let volumes = parse_env(env)?;
     let outcome = launch(&volumes, command, env, config, &caller_id()).await;
@@ -538,7 +539,9 @@ async fn run_task(
             status = child.wait() => break status.map_err(LaunchError::Wait)?,
             signal = signals.recv() => {
                 if let Some(pid) = pid {
-                    // Not yet reaped, so the pid is still the child's (at worst a zombie).
+                    // SAFETY: kill has no memory-safety preconditions. The child is not yet
+                    // reaped (only this loop reaps it), so the pid is still its own, at worst
+                    // a zombie's, never another process's.
                     unsafe { libc::kill(pid, signal) };
                 }
             }
@@ -730,7 +733,7 @@ fn spawn(
             let record = |value: u32| (*(step_address as *const AtomicU32)).store(value, Ordering::SeqCst);
             let check = |result: libc::c_int| if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
             record(STEP_UNSHARE);
-            let _ = libc::CLONE_NEWNS;
+            check(libc::unshare(libc::CLONE_NEWNS))?;
             record(STEP_RSLAVE);
             let flags = libc::MS_REC | libc::MS_SLAVE;
             check(libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), flags, std::ptr::null()))?;
