@@ -115,6 +115,10 @@ pub enum Command {
         volume: String,
         sdc: String,
     },
+    /// Records that MDM `id` left the MDM cluster for good (its id is never reused).
+    RetireMdmId {
+        id: u64,
+    },
     /// The failure detector found the SDS's lease expired: re-peer its PGs.
     DeclareSdsDown {
         sds_id: u64,
@@ -540,6 +544,10 @@ impl ClusterState {
                     v.mapping_epoch += 1;
                 }
                 Ok(Applied { id: v.id })
+            }
+            Command::RetireMdmId { id } => {
+                self.retired_mdm_ids.insert(*id);
+                Ok(Applied { id: *id })
             }
             Command::TakeOverVolume { volume, sdc } => {
                 let sdc_id = lookup(self.sdc_by_name(sdc), "SDC", sdc)?.id;

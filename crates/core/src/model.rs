@@ -27,6 +27,10 @@ pub struct ClusterState {
     pub devices: BTreeMap<u64, Device>,
     pub volumes: BTreeMap<u64, Volume>,
     pub sdcs: BTreeMap<u64, Sdc>,
+    /// Ids of MDMs removed from the MDM cluster. They are never accepted again: an MDM
+    /// reinstalled empty under an old id could lend a vote it no longer remembers giving.
+    #[serde(default)]
+    pub retired_mdm_ids: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

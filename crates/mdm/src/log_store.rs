@@ -141,7 +141,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
         let s = self.inner.lock().await;
-        Ok(s.entries.range(range).map(|(_, e)| e.clone()).collect())
+        // Only entries that continue from the start of the range: openraft 0.9 may ask for a
+        // range it chose before a purge, and would send whatever comes back — entries after a
+        // hole, which a follower must never store. Nothing at all makes it fall back to a
+        // snapshot instead. (Found by tests/raft_sim.rs.)
+        let mut expected = match range.start_bound() {
+            std::ops::Bound::Included(i) => *i,
+            std::ops::Bound::Excluded(i) => i + 1,
+            std::ops::Bound::Unbounded => s.entries.keys().next().copied().unwrap_or(0),
+        };
+        let mut out = Vec::new();
+        for (index, entry) in s.entries.range(range) {
+            if *index != expected {
+                break;
+            }
+            out.push(entry.clone());
+            expected += 1;
+        }
+        Ok(out)
     }
 }
 

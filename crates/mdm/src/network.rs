@@ -26,7 +26,15 @@ use crate::{Raft, TypeConfig};
 
 type NodeId = u64;
 
-/// One Raft RPC from one MDM to another.
+/// One Raft RPC from one MDM to another, addressed to the receiver's id: an MDM reinstalled
+/// under a new id at an old address must never answer (and lend its empty vote) for the id
+/// that used to live there.
+#[derive(Serialize, Deserialize)]
+pub struct RaftEnvelope {
+    pub target: NodeId,
+    pub request: RaftRequest,
+}
+
 #[derive(Serialize, Deserialize)]
 pub enum RaftRequest {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
@@ -44,13 +52,49 @@ pub enum RaftReply {
     BadRequest(String),
 }
 
-/// Serves one Raft RPC received on the control port.
-pub async fn serve_raft_request(raft: &Raft, payload: &[u8]) -> RaftReply {
-    match serde_json::from_slice::<RaftRequest>(payload) {
-        Ok(RaftRequest::AppendEntries(r)) => RaftReply::AppendEntries(raft.append_entries(r).await),
-        Ok(RaftRequest::Vote(r)) => RaftReply::Vote(raft.vote(r).await),
-        Ok(RaftRequest::InstallSnapshot(r)) => RaftReply::InstallSnapshot(raft.install_snapshot(r).await),
-        Err(e) => RaftReply::BadRequest(e.to_string()),
+/// Serves one Raft RPC received on the control port by MDM `own_id`. `leader_contact` is
+/// stamped whenever a leader's AppendEntries arrives (a follower's only sign that its leader
+/// lives: openraft keeps reporting a dead leader as current until a new one is elected).
+pub async fn serve_raft_request(
+    raft: &Raft,
+    own_id: NodeId,
+    leader_contact: &LeaderContact,
+    payload: &[u8],
+) -> RaftReply {
+    let envelope = match serde_json::from_slice::<RaftEnvelope>(payload) {
+        Ok(e) => e,
+        Err(e) => return RaftReply::BadRequest(e.to_string()),
+    };
+    if envelope.target != own_id {
+        return RaftReply::BadRequest(format!("this is MDM {own_id}, not MDM {}", envelope.target));
+    }
+    match envelope.request {
+        RaftRequest::AppendEntries(r) => {
+            leader_contact.stamp();
+            RaftReply::AppendEntries(raft.append_entries(r).await)
+        }
+        RaftRequest::Vote(r) => RaftReply::Vote(raft.vote(r).await),
+        RaftRequest::InstallSnapshot(r) => {
+            leader_contact.stamp();
+            RaftReply::InstallSnapshot(raft.install_snapshot(r).await)
+        }
+    }
+}
+
+/// When a leader last sent this MDM entries or a heartbeat.
+#[derive(Default, Clone)]
+pub struct LeaderContact {
+    last: Arc<Mutex<Option<Instant>>>,
+}
+
+impl LeaderContact {
+    fn stamp(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Heard from a leader within `window`.
+    pub fn within(&self, window: Duration) -> bool {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| t.elapsed() <= window)
     }
 }
 
@@ -140,7 +184,7 @@ impl LinkError {
 
 impl PeerLink {
     async fn call(&mut self, request: RaftRequest, ttl: Duration) -> Result<RaftReply, LinkError> {
-        let result = self.call_once(&request, ttl).await;
+        let result = self.call_once(request, ttl).await;
         let recorded = match &result {
             Ok(_) => Ok(()),
             Err(LinkError::Unreachable(m) | LinkError::Network(m)) => Err(m.clone()),
@@ -149,8 +193,9 @@ impl PeerLink {
         result
     }
 
-    async fn call_once(&mut self, request: &RaftRequest, ttl: Duration) -> Result<RaftReply, LinkError> {
-        let body = serde_json::to_vec(request).map_err(|e| LinkError::Network(e.to_string()))?;
+    async fn call_once(&mut self, request: RaftRequest, ttl: Duration) -> Result<RaftReply, LinkError> {
+        let envelope = RaftEnvelope { target: self.target, request };
+        let body = serde_json::to_vec(&envelope).map_err(|e| LinkError::Network(e.to_string()))?;
         let conn = match &self.conn {
             Some(c) if !c.is_closed() => c.clone(),
             _ => {

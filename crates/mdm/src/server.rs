@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::log_store::LogStore;
 use crate::membership::{self, ClusterMode, MdmNode, MdmRole, Member};
-use crate::network::{serve_raft_request, MdmNetwork, PeerContacts};
+use crate::network::{serve_raft_request, LeaderContact, MdmNetwork, PeerContacts};
 use crate::state_machine::StateMachineStore;
 use crate::status::{cluster_status, StatusInputs};
 use crate::Raft;
@@ -88,6 +88,8 @@ const QUORUM_STALE_MS: u64 = 3 * RAFT_ELECTION_MAX_MS;
 /// A tiebreaker campaigns only after this long without any leader (the surviving managers
 /// lack the latest entries, which only it holds) and then hands leadership to a manager.
 const TIEBREAKER_LAST_RESORT: Duration = Duration::from_secs(4);
+/// A leader not heard from (no entries, no heartbeat) for this long counts as gone.
+const LEADER_SILENCE: Duration = Duration::from_secs(2);
 /// How long a leading tiebreaker waits for a manager to take over before trying again.
 const HANDOVER_WAIT: Duration = Duration::from_secs(4);
 const ROLE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -169,6 +171,7 @@ struct Mdm {
     soft: Mutex<SoftState>,
     started: Instant,
     contacts: PeerContacts,
+    leader_contact: LeaderContact,
     /// Set while a leading tiebreaker hands leadership to a manager: it then takes no new
     /// work, so that nothing it does delays the manager's election.
     handing_over: AtomicBool,
@@ -464,6 +467,13 @@ impl Mdm {
         if let Err(e) = membership::check_add(&self.member_view(&m), identity.id, &node) {
             return bad_request(e.to_string());
         }
+        if self.sm.data.read().await.state.retired_mdm_ids.contains(&identity.id) {
+            return bad_request(format!(
+                "MDM id {} was removed from this cluster before and is never reused; \
+                 start the MDM at {address} with a new --id",
+                identity.id
+            ));
+        }
         if identity.members > 0 {
             return bad_request(format!(
                 "the MDM at {address} (id {}) already belongs to a cluster of {} member(s); \
@@ -486,6 +496,11 @@ impl Mdm {
         let m = self.metrics();
         if let Err(e) = membership::check_remove(&self.member_view(&m), id) {
             return bad_request(e.to_string());
+        }
+        // Retired first: should the removal itself not commit, the id is merely unusable.
+        match self.write(tessera_core::Command::RetireMdmId { id }).await {
+            ControlResponse::Applied(_) => {}
+            other => return other,
         }
         let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
         self.change_membership(change, format!("removing MDM {id}")).await
@@ -558,7 +573,11 @@ impl Mdm {
         if self.cfg.role == MdmRole::Manager || !voter {
             return;
         }
-        if m.current_leader.is_some() {
+        // A dead leader stays `current_leader` until someone else wins an election, so what
+        // counts is whether a leader has actually been heard from lately.
+        let leader_alive = m.current_leader == Some(self.cfg.id)
+            || m.current_leader.is_some() && self.leader_contact.within(LEADER_SILENCE);
+        if leader_alive {
             *no_leader_since = None;
         } else {
             let since = *no_leader_since.get_or_insert_with(Instant::now);
@@ -566,6 +585,15 @@ impl Mdm {
                 tracing::warn!("no MDM leader for {:?}: the tiebreaker campaigns as a last resort", since.elapsed());
                 *no_leader_since = None;
                 let _ = self.raft.trigger().elect().await;
+                // A lagging manager campaigns far more often, with ever higher terms, which
+                // the tiebreaker only learns from the refusal of its own request: campaign
+                // once more right away, with that term, or it would never win.
+                tokio::time::sleep(Duration::from_millis(2 * RAFT_HEARTBEAT_MS)).await;
+                if self.metrics().current_leader.is_none_or(|l| l != self.cfg.id)
+                    && !self.leader_contact.within(LEADER_SILENCE / 4)
+                {
+                    let _ = self.raft.trigger().elect().await;
+                }
             }
             return;
         }
@@ -773,7 +801,7 @@ async fn serve_connection(mdm: Arc<Mdm>, mut stream: TcpStream, peer: SocketAddr
         tokio::spawn(async move {
             let _slot = slot;
             if header.kind == kind::RAFT {
-                let reply = serve_raft_request(&mdm.raft, &payload).await;
+                let reply = serve_raft_request(&mdm.raft, mdm.cfg.id, &mdm.leader_contact, &payload).await;
                 let body = serde_json::to_vec(&reply).unwrap_or_default();
                 let _ = replies.send(OutFrame::reply(&header, status::OK, body)).await;
                 return;
@@ -836,6 +864,7 @@ pub async fn run_mdm(cfg: MdmConfig) -> anyhow::Result<()> {
         soft: Mutex::new(SoftState::default()),
         started: Instant::now(),
         contacts,
+        leader_contact: LeaderContact::default(),
         handing_over: AtomicBool::new(false),
     });
     tokio::spawn(failure_detector(mdm.clone()));

@@ -102,8 +102,9 @@ const ROLE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 // ---- The simulation's own limits. ----
 
-/// Seeds every `cargo test -p tessera-mdm` runs.
-const CI_SEEDS: Range<u64> = 0..24;
+/// Seeds every `cargo test -p tessera-mdm` runs: about 15 s on two cores. With the fixes
+/// off (`TESSERA_RAFT_SIM_UNFIXED=all`) seeds 3, 4, 5, 9 and 12 among them fail.
+const CI_SEEDS: Range<u64> = 0..20;
 /// Machines ("slots") 1..=NODE_COUNT, each running one MDM; which are tiebreakers is
 /// fixed by [`role_of`]. MDM `id` runs in slot [`slot_of`]`(id)`: ids 1..=5 at first, and
 /// an MDM reinstalled under a fresh id gets `id + NODE_COUNT`.
@@ -183,13 +184,14 @@ fn tiebreaker_last_resort_elects_when_the_manager_lacks_entries() {
     assert!(r.is_ok(), "{}", r.err().map(|f| f.to_string()).unwrap_or_default());
 }
 
-/// The same with the daemon's rule as it is: the tiebreaker never campaigns, and the
-/// cluster has no leader until the dead manager returns.
+/// The same with the rule the daemon first had (it took a dead leader's vote for a live
+/// leader, so the tiebreaker never campaigned): the simulation must see the cluster stay
+/// leaderless. This keeps the simulation honest about the bug it found (fixed in
+/// `server.rs`, `Mdm::keep_role`, which now asks when a leader was last heard from).
 #[test]
-#[ignore = "known bug: server.rs `Mdm::keep_role` takes `current_leader` of a dead leader's vote as a live leader"]
-fn daemon_tiebreaker_rule_sees_a_dead_leader() {
+fn old_tiebreaker_rule_is_caught_leaderless() {
     let r = with_sim_runtime(SCENARIO_SEED, |root| last_resort_scenario(root, TiebreakerRule::DAEMON));
-    assert!(r.is_ok(), "{}", r.err().map(|f| f.to_string()).unwrap_or_default());
+    assert!(r.is_err(), "the simulation no longer detects a tiebreaker that never campaigns");
 }
 
 /// An MDM that was removed and reinstalled empty must not lend its vote to a member that
@@ -203,15 +205,15 @@ fn reinstalled_mdm_under_a_fresh_id_keeps_a_stale_member_out() {
     assert!(r.is_ok(), "{}", r.err().map(|f| f.to_string()).unwrap_or_default());
 }
 
-/// The same as the daemon does it today: the empty MDM 3 takes its old id again, grants
-/// MDM 1 its vote, and MDM 1 leads and commits with {1, 3} while MDM 2 leads 1_node.
+/// The same with an old id taken again (which the daemon now refuses: removed ids are
+/// retired, and every Raft RPC names its target): the empty MDM 3 grants MDM 1 its vote and
+/// MDM 1 commits with {1, 3} while MDM 2 leads 1_node — the simulation must catch it.
 #[test]
-#[ignore = "known bug: an MDM reinstalled under its old id lets a stale member win a majority of an old configuration"]
-fn reinstalled_mdm_under_its_old_id_splits_the_brain() {
+fn reusing_an_old_id_is_caught_as_split_brain() {
     let r = with_sim_runtime(SCENARIO_SEED, |root| {
         reinstall_scenario(root, Fixes { fresh_id_on_reinstall: false, ..Fixes::ALL })
     });
-    assert!(r.is_ok(), "{}", r.err().map(|f| f.to_string()).unwrap_or_default());
+    assert!(r.is_err(), "the simulation no longer detects the split brain of a reused MDM id");
 }
 
 /// Seed of the directed scenarios (it only seeds network delays there).

@@ -36,7 +36,7 @@ impl Mdms {
     fn new(c: &Cluster) -> Mdms {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
         let mut all = ControlClient::new(c.mdm_addrs(), c.secret());
-        all.retry_for = Duration::from_secs(15);
+        all.retry_for = Duration::from_secs(30);
         Mdms { rt, all, addrs: c.mdm_addrs(), secret: c.secret() }
     }
 
@@ -476,6 +476,34 @@ fn restart_all_then_replace_a_member() {
     let out = c.cli(&["mdm", "remove", "--id", "3"]);
     assert!(!out.status.success() && text(&out.stderr).contains("switch to a mode without it"), "{}", describe(&out));
     c.ok(&["mdm", "remove", "--id", &lost.to_string()]);
+    // The removed member's id is never taken again, even by an MDM reinstalled empty.
+    let reinstalled_addr = format!("127.0.0.15:{}", c.spare_port(1));
+    let reinstalled_dir = c.dir.join("mdm-reinstalled");
+    c.spawn_daemon(
+        "mdm-reinstalled",
+        &[
+            "mdm",
+            "--dir",
+            reinstalled_dir.to_str().unwrap(),
+            "--id",
+            &lost.to_string(),
+            "--listen",
+            &reinstalled_addr,
+            "--role",
+            "manager",
+            "--standby",
+        ],
+    );
+    let refused = poll("the reinstalled MDM to answer", POLL_TIMEOUT, || {
+        let out = c.cli(&["mdm", "add", "--address", &reinstalled_addr]);
+        let stderr = text(&out.stderr);
+        (!stderr.contains("cannot reach")).then_some(out)
+    });
+    assert!(
+        !refused.status.success() && text(&refused.stderr).contains("never reused"),
+        "an old MDM id was accepted again: {}",
+        describe(&refused)
+    );
 
     // The fresh member holds everything and can lead: kill the primary.
     mdms.execute(volume("before-handover")).expect("a change with the new member");
