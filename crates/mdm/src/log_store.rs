@@ -145,20 +145,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // range it chose before a purge, and would send whatever comes back — entries after a
         // hole, which a follower must never store. Nothing at all makes it fall back to a
         // snapshot instead. (Found by tests/raft_sim.rs.)
-        let mut expected = match range.start_bound() {
+        let start = match range.start_bound() {
             std::ops::Bound::Included(i) => *i,
             std::ops::Bound::Excluded(i) => i + 1,
             std::ops::Bound::Unbounded => s.entries.keys().next().copied().unwrap_or(0),
         };
-        let mut out = Vec::new();
-        for (index, entry) in s.entries.range(range) {
-            if *index != expected {
-                break;
-            }
-            out.push(entry.clone());
-            expected += 1;
-        }
-        Ok(out)
+        Ok(s.entries
+            .range(range)
+            .zip(start..)
+            .take_while(|((index, _), expected)| **index == *expected)
+            .map(|((_, entry), _)| entry.clone())
+            .collect())
     }
 }
 
