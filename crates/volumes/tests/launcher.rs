@@ -656,7 +656,8 @@ async fn launcher_binds_container_paths_in_a_private_mount_namespace() {
 async fn launcher_refuses_a_missing_container_path_outside_tmp_before_mounting() {
     let mut sandbox = Sandbox::new();
     let api = sandbox.plugin("tessera", &["v"]);
-    let missing = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tsl-missing-{}", std::process::id()));
+    // Outside /tmp whatever the target directory is (CI may build under /tmp).
+    let missing = Path::new("/run").join(format!("tsl-missing-{}", std::process::id()));
     let env = env(&[("DVDI_VOLUME_NAME", "v"), ("DVDI_VOLUME_CONTAINERPATH", missing.to_str().unwrap())]);
     let error = launcher::run(&env, &sh("true"), &sandbox.config).await.unwrap_err();
     assert!(matches!(&error, LaunchError::ContainerPath { path, .. } if path == &missing), "{error:?}");
