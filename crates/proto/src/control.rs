@@ -8,7 +8,7 @@ use tessera_core::command::Applied;
 use tessera_core::{ClusterState, Command, CoreError};
 use thiserror::Error;
 
-use crate::auth::ClusterSecret;
+use crate::auth::{AuthError, ClusterSecret};
 use crate::data::{kind, status};
 use crate::rpc::{RpcClient, RpcError};
 
@@ -300,7 +300,14 @@ impl ControlClient {
                                 *guard = Some(c.clone());
                                 Some(c)
                             }
-                            Err(e @ RpcError::Auth { .. }) => return Err(ClientError::Unreachable(e.to_string())),
+                            // A wrong secret or a peer that is no MDM will not get better;
+                            // a connection dropped mid-handshake (an MDM dying) may.
+                            Err(
+                                e @ RpcError::Auth {
+                                    source: AuthError::Rejected | AuthError::BadMagic | AuthError::BadSecret,
+                                    ..
+                                },
+                            ) => return Err(ClientError::Unreachable(e.to_string())),
                             Err(e) => {
                                 last_error = e.to_string();
                                 None

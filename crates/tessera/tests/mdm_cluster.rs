@@ -278,10 +278,13 @@ fn losing_members_until_no_quorum_then_recovering() {
     kill9_mdm(&c, 2); // the secondary
                       // Once the primary has noticed (a couple of seconds without an answer), it refuses
                       // changes at once, and status says why.
-    poll("the primary to report no quorum", POLL_TIMEOUT, || {
-        let out = c.cli(&["mdm", "ls"]);
-        (!out.status.success() && text(&out.stderr).contains("no quorum of MDMs: 1 of 3")).then_some(())
+    let primary_only = mdms.only(1, Duration::from_secs(2));
+    poll("the primary to report no quorum", POLL_TIMEOUT * 2, || {
+        let answer = mdms.rt.block_on(primary_only.status());
+        answer.is_err_and(|e| e.to_string().contains("no quorum of MDMs: 1 of 3")).then_some(())
     });
+    let out = c.cli(&["mdm", "ls"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no quorum"), "{}", describe(&out));
     let started = Instant::now();
     let out = c.cli(&["volume", "create", "with-one-of-three", "--size", "64MiB"]);
     let stderr = text(&out.stderr);
