@@ -150,7 +150,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
                 device_size_bytes,
                 mdm_count,
             }),
-            volumes: Some(crate::volumes::local_config(&dir, &args.plugin_socket)),
+            volumes: Some(crate::volumes::local_config(&dir, &plugin_socket_for(&dir, &args.plugin_socket))),
         };
         cfg.save(&cfg_path)?;
         cfg
@@ -241,6 +241,24 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
     })
     .await?;
     Ok(cfg)
+}
+
+/// Where the local volume service's plugin socket goes: as asked, unless its directory
+/// cannot be created (not root, for the default under /run), then inside the cluster
+/// directory, where Docker does not look but dvdcli and `tessera run` can be pointed.
+fn plugin_socket_for(dir: &Path, wanted: &Path) -> PathBuf {
+    match wanted.parent().map(std::fs::create_dir_all) {
+        Some(Err(e)) => {
+            let fallback = dir.join("tessera-plugin.sock");
+            eprintln!(
+                "warning: cannot create {} ({e}); the Docker volume plugin socket is {}",
+                wanted.parent().map_or_else(String::new, |p| p.display().to_string()),
+                fallback.display()
+            );
+            fallback
+        }
+        _ => wanted.to_path_buf(),
+    }
 }
 
 /// Adds MDMs 2..n as standbys and switches to the mode they make.
