@@ -72,29 +72,29 @@ impl MdmConfig {
 /// Raft timing. A follower campaigns after `leader lease (= election max) + a random
 /// election timeout` without hearing from the leader: 2.1–2.8 s after a primary dies, well
 /// inside an SDS lease (6 s), so SDSs renew with the new leader before they would fence.
-const RAFT_HEARTBEAT_MS: u64 = 150;
-const RAFT_ELECTION_MIN_MS: u64 = 700;
-const RAFT_ELECTION_MAX_MS: u64 = 1400;
+pub const RAFT_HEARTBEAT_MS: u64 = 150;
+pub const RAFT_ELECTION_MIN_MS: u64 = 700;
+pub const RAFT_ELECTION_MAX_MS: u64 = 1400;
 /// A metadata change not committed in this time is answered `Unavailable` (it may still
 /// commit later if a quorum returns; every command is safe to retry or refused as a repeat).
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A linearizable read (leadership confirmed by a quorum) not done in this time fails.
-const READ_TIMEOUT: Duration = Duration::from_secs(3);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// A member that answered the leader within this window is reachable.
 const REACHABLE_WINDOW: Duration = Duration::from_millis(2_000);
 /// A leader whose last quorum acknowledgement is older than this refuses changes at once
 /// instead of queueing entries that cannot commit.
-const QUORUM_STALE_MS: u64 = 3 * RAFT_ELECTION_MAX_MS;
+pub const QUORUM_STALE_MS: u64 = 3 * RAFT_ELECTION_MAX_MS;
 /// A tiebreaker campaigns only after this long without any leader (the surviving managers
 /// lack the latest entries, which only it holds) and then hands leadership to a manager.
-const TIEBREAKER_LAST_RESORT: Duration = Duration::from_secs(4);
+pub const TIEBREAKER_LAST_RESORT: Duration = Duration::from_secs(4);
 /// A leader not heard from (no entries, no heartbeat) for this long counts as gone.
-const LEADER_SILENCE: Duration = Duration::from_secs(2);
+pub const LEADER_SILENCE: Duration = Duration::from_secs(2);
 /// How long a leading tiebreaker waits for a manager to take over before trying again.
-const HANDOVER_WAIT: Duration = Duration::from_secs(4);
-const ROLE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(4);
+pub const ROLE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a mode switch waits for its new members to answer before refusing.
-const SWITCH_REACHABLE_WAIT: Duration = Duration::from_secs(10);
+pub const SWITCH_REACHABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// State only the leader needs and that is rebuilt from heartbeats after a failover, so it
 /// is not replicated: leases and device usage.
@@ -820,6 +820,21 @@ async fn serve_connection(mdm: Arc<Mdm>, mut stream: TcpStream, peer: SocketAddr
     }
 }
 
+/// The Raft settings of an MDM of `role` (also what the Raft simulation runs).
+pub fn raft_config(role: MdmRole, snapshot_every_logs: u64) -> openraft::Config {
+    openraft::Config {
+        cluster_name: "tessera-mdm".into(),
+        heartbeat_interval: RAFT_HEARTBEAT_MS,
+        election_timeout_min: RAFT_ELECTION_MIN_MS,
+        election_timeout_max: RAFT_ELECTION_MAX_MS,
+        // A tiebreaker's own timer never starts an election (see `Mdm::keep_role`).
+        enable_elect: role == MdmRole::Manager,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every_logs.max(1)),
+        max_in_snapshot_log_to_keep: snapshot_every_logs,
+        ..Default::default()
+    }
+}
+
 /// Runs an MDM until the process is stopped. A brand-new MDM initialises a single-voter
 /// cluster with itself as the only member, unless it is a standby waiting to be added.
 pub async fn run_mdm(cfg: MdmConfig) -> anyhow::Result<()> {
@@ -831,17 +846,7 @@ pub async fn run_mdm(cfg: MdmConfig) -> anyhow::Result<()> {
         LogStore::open(&raft_dir).with_context(|| format!("opening the Raft log in {}", raft_dir.display()))?;
     let sm = StateMachineStore::open(&raft_dir).context("opening the state machine")?;
     let pristine = log_store.is_pristine().await;
-    let raft_config = openraft::Config {
-        cluster_name: "tessera-mdm".into(),
-        heartbeat_interval: RAFT_HEARTBEAT_MS,
-        election_timeout_min: RAFT_ELECTION_MIN_MS,
-        election_timeout_max: RAFT_ELECTION_MAX_MS,
-        // A tiebreaker's own timer never starts an election (see `Mdm::keep_role`).
-        enable_elect: cfg.role == MdmRole::Manager,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_logs.max(1)),
-        max_in_snapshot_log_to_keep: cfg.snapshot_every_logs,
-        ..Default::default()
-    };
+    let raft_config = raft_config(cfg.role, cfg.snapshot_every_logs);
     let contacts = PeerContacts::default();
     let bind = Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified());
     let network = MdmNetwork { secret: cfg.secret.clone(), bind, contacts: contacts.clone() };

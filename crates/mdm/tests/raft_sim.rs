@@ -68,8 +68,7 @@ use openraft::raft::{
 };
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
-    ChangeMembers, Entry, LogId, OptionalSend, RaftLogReader, RaftMetrics, ServerState, SnapshotPolicy, StorageError,
-    Vote,
+    ChangeMembers, Entry, LogId, OptionalSend, RaftLogReader, RaftMetrics, ServerState, StorageError, Vote,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -88,17 +87,12 @@ use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
 type Metrics = RaftMetrics<u64, MdmNode>;
 type WriteResult = Result<ClientWriteResponse<TypeConfig>, RaftError<u64, ClientWriteError<u64, MdmNode>>>;
 
-// ---- The daemon's settings, copied from `server.rs` (private there): keep them in step. ----
+// ---- The daemon's settings, from `server.rs` itself. ----
 
-const RAFT_HEARTBEAT_MS: u64 = 150;
-const RAFT_ELECTION_MIN_MS: u64 = 700;
-const RAFT_ELECTION_MAX_MS: u64 = 1400;
-const READ_TIMEOUT: Duration = Duration::from_secs(3);
-const SWITCH_REACHABLE_WAIT: Duration = Duration::from_secs(10);
-const QUORUM_STALE_MS: u64 = 3 * RAFT_ELECTION_MAX_MS;
-const TIEBREAKER_LAST_RESORT: Duration = Duration::from_secs(4);
-const HANDOVER_WAIT: Duration = Duration::from_secs(4);
-const ROLE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+use tessera_mdm::server::{
+    raft_config, HANDOVER_WAIT, QUORUM_STALE_MS, RAFT_ELECTION_MAX_MS, RAFT_HEARTBEAT_MS, READ_TIMEOUT,
+    ROLE_CHECK_INTERVAL, SWITCH_REACHABLE_WAIT, TIEBREAKER_LAST_RESORT,
+};
 
 // ---- The simulation's own limits. ----
 
@@ -1363,18 +1357,9 @@ impl Cluster {
         handing_over.store(false, Ordering::Release);
         let stores = LogStore::open(&dir).and_then(|log| Ok((log, StateMachineStore::open(&dir)?)));
         let (log, sm) = stores.map_err(|e| self.fail("a node restarts from its files", format!("MDM {id}: {e}")))?;
-        let config = openraft::Config {
-            cluster_name: "tessera-mdm".into(),
-            heartbeat_interval: RAFT_HEARTBEAT_MS,
-            election_timeout_min: RAFT_ELECTION_MIN_MS,
-            election_timeout_max: RAFT_ELECTION_MAX_MS,
-            enable_elect: role_of(id) == MdmRole::Manager,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_LOGS),
-            max_in_snapshot_log_to_keep: SNAPSHOT_EVERY_LOGS,
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|e| self.fail("setup", format!("Raft config: {e}")))?;
+        let config = raft_config(role_of(id), SNAPSHOT_EVERY_LOGS)
+            .validate()
+            .map_err(|e| self.fail("setup", format!("Raft config: {e}")))?;
         let network = SimNetwork { from: id, incarnation, router: self.router.clone() };
         let store = SimLogStore { inner: log.clone(), contiguous_reads: self.fixes.contiguous_log_reads };
         let started = timeout(START_BOUND, Raft::new(id, Arc::new(config), network, store, sm.clone())).await;

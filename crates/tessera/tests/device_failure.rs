@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -66,11 +66,7 @@ impl FaultyDisk {
 
 impl Drop for FaultyDisk {
     fn drop(&mut self) {
-        // A process that still has the file open makes a plain unmount fail: detach lazily then.
-        let unmounted = Command::new("fusermount3").arg("-u").arg(&self.mount).status().is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-        }
+        unmount_fuse(&self.mount);
         let _ = self.nbdfuse.kill();
         let _ = self.nbdfuse.wait();
         let _ = self.nbdkit.kill();

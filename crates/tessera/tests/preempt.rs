@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use common::*;
 
@@ -55,17 +55,10 @@ impl FuseFile {
 
 impl Drop for FuseFile {
     fn drop(&mut self) {
-        let unmounted = Command::new("fusermount3").arg("-u").arg(&self.mount).status().is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-        }
+        unmount_fuse(&self.mount);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn filled(fill: u8, len: usize) -> Vec<u8> {
-    vec![fill; len]
 }
 
 #[test]
@@ -74,7 +67,7 @@ fn preempted_node_can_no_longer_write() {
     let size = 64 * MIB;
     let uri_a = c.volume("shared", "64MiB");
     let a = FuseFile::new(&c.dir, "node-a", &uri_a, size);
-    a.write_at(0, &filled(0xA1, 64 * 1024)).expect("node A writes while it holds the volume");
+    a.write_at(0, &vec![0xA1; 64 * 1024]).expect("node A writes while it holds the volume");
 
     // Node B: a second SDC.
     let socket_b = c.dir.join("sdc-2.sock");
@@ -94,19 +87,19 @@ fn preempted_node_can_no_longer_write() {
     assert!(row.trim_end().ends_with(" sdc-2"), "the volume is not mapped to sdc-2 alone: {table}");
 
     // A still has the export open; its writes are now refused, not applied.
-    let refused = a.write_at(1024 * 1024, &filled(0xBA, 64 * 1024));
+    let refused = a.write_at(1024 * 1024, &vec![0xBA; 64 * 1024]);
     assert!(refused.is_err(), "the preempted node could still write");
     eprintln!("write from the preempted node: {refused:?}");
 
     // B sees A's acknowledged data, not the refused write, and writes its own.
     let b = FuseFile::new(&c.dir, "node-b", &uri_b, size);
-    assert_eq!(b.read_at(0, 64 * 1024).expect("B reads"), filled(0xA1, 64 * 1024));
-    assert_eq!(b.read_at(1024 * 1024, 64 * 1024).expect("B reads"), filled(0, 64 * 1024), "a refused write landed");
-    b.write_at(1024 * 1024, &filled(0xB2, 64 * 1024)).expect("B writes");
-    assert_eq!(b.read_at(1024 * 1024, 64 * 1024).expect("B reads"), filled(0xB2, 64 * 1024));
+    assert_eq!(b.read_at(0, 64 * 1024).expect("B reads"), vec![0xA1; 64 * 1024]);
+    assert_eq!(b.read_at(1024 * 1024, 64 * 1024).expect("B reads"), vec![0; 64 * 1024], "a refused write landed");
+    b.write_at(1024 * 1024, &vec![0xB2; 64 * 1024]).expect("B writes");
+    assert_eq!(b.read_at(1024 * 1024, 64 * 1024).expect("B reads"), vec![0xB2; 64 * 1024]);
     // A keeps failing.
-    assert!(a.write_at(0, &filled(0xCC, 64 * 1024)).is_err(), "the preempted node wrote later");
-    assert_eq!(b.read_at(0, 64 * 1024).expect("B reads"), filled(0xA1, 64 * 1024));
+    assert!(a.write_at(0, &vec![0xCC; 64 * 1024]).is_err(), "the preempted node wrote later");
+    assert_eq!(b.read_at(0, 64 * 1024).expect("B reads"), vec![0xA1; 64 * 1024]);
     drop(b);
     drop(a);
     c.verify("shared");

@@ -85,15 +85,10 @@ pub async fn mkfs(device: &Path, fs: FsType) -> Result<(), StepError> {
     let dev = device.to_string_lossy();
     // No discard: a new volume is thin and reads as zeros already, and trimming all of it
     // through the export would only cost time.
-    let args: &[&str] = match fs {
-        FsType::Ext4 => &["-F", "-q", "-E", "nodiscard"],
-        FsType::Xfs => &["-f", "-q", "-K"],
-        FsType::Btrfs => &["-f", "-q", "-K"],
-    };
-    let program = match fs {
-        FsType::Ext4 => "mkfs.ext4",
-        FsType::Xfs => "mkfs.xfs",
-        FsType::Btrfs => "mkfs.btrfs",
+    let (program, args): (&str, &[&str]) = match fs {
+        FsType::Ext4 => ("mkfs.ext4", &["-F", "-q", "-E", "nodiscard"]),
+        FsType::Xfs => ("mkfs.xfs", &["-f", "-q", "-K"]),
+        FsType::Btrfs => ("mkfs.btrfs", &["-f", "-q", "-K"]),
     };
     let mut all = args.to_vec();
     all.push(&dev);

@@ -127,6 +127,11 @@ impl VolumeService {
         &self.cfg
     }
 
+    /// The filesystem of volumes created without `newfstype` (validated with the config).
+    fn default_fs(&self) -> Result<FsType, ApiError> {
+        FsType::parse(&self.cfg.create.fstype).map_err(ApiError::Invalid)
+    }
+
     fn mountpoint(&self, name: &str) -> PathBuf {
         self.cfg.mount_path.join(name)
     }
@@ -249,7 +254,7 @@ impl VolumeService {
                 return Err(e);
             }
         }
-        let fs = opts.fstype.unwrap_or(FsType::parse(&self.cfg.create.fstype).map_err(ApiError::Invalid)?);
+        let fs = opts.fstype.unwrap_or(self.default_fs()?);
         if let Err(e) = self.format_new(name, fs).await {
             // A volume that could not be formatted is removed again rather than left for a
             // mount to format with another filesystem than was asked.
@@ -305,7 +310,7 @@ impl VolumeService {
             let fs = match probe {
                 Probe::Fs(fs) => fs,
                 Probe::Blank => {
-                    let fs = opts.fstype.unwrap_or(FsType::parse(&self.cfg.create.fstype).map_err(ApiError::Invalid)?);
+                    let fs = opts.fstype.unwrap_or(self.default_fs()?);
                     crate::fs::mkfs(&a.device, fs).await.map_err(failed)?;
                     tracing::info!(volume = name, fs = fs.as_str(), "formatted a blank volume");
                     fs

@@ -169,6 +169,15 @@ pub fn reserve_port_range() -> u16 {
     panic!("no free range of {PORTS_PER_CLUSTER} ports between {PORT_FLOOR} and 32000");
 }
 
+/// Unmounts a FUSE mount (nbdfuse); a process that still has a file open in it makes a
+/// plain unmount fail, so it is then detached lazily.
+pub fn unmount_fuse(mount: &Path) {
+    let unmounted = Command::new("fusermount3").arg("-u").arg(mount).status().is_ok_and(|s| s.success());
+    if !unmounted {
+        let _ = Command::new("umount").arg("-l").arg(mount).status();
+    }
+}
+
 /// A fresh, empty directory under the system temp dir.
 pub fn fresh_dir(label: &str) -> PathBuf {
     let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
