@@ -167,6 +167,22 @@ pub enum Command {
         sds: String,
         path: String,
     },
+    /// An agent reports its node (attributes, disks): replaces the previous report.
+    ReportNode {
+        node: crate::deploy::Node,
+    },
+    /// `tessera node remove`: the node's SDSs drain and leave, then the node is forgotten.
+    RemoveNode {
+        name: String,
+    },
+    /// Forgets a removed node's report once it owns no SDS.
+    ForgetNode {
+        name: String,
+    },
+    /// Sets (or clears) the declarative deployment spec.
+    SetDeploySpec {
+        spec: Option<crate::deploy::spec::DeploySpec>,
+    },
 }
 
 /// What a successful command did: the id of the object it created or touched.
@@ -584,6 +600,42 @@ impl ClusterState {
                     s.state = SdsState::Draining;
                 }
                 Ok(Applied { id })
+            }
+            Command::ReportNode { node } => {
+                node.validate()?;
+                let removing = self.nodes.get(&node.name).is_some_and(|n| n.removing);
+                if let Some(other) = self.nodes.values().find(|n| n.name != node.name && n.address == node.address) {
+                    return Err(CoreError::exists("node address", &format!("{} (node {})", node.address, other.name)));
+                }
+                // A report never undoes `node remove`: the node drains whatever its agent says.
+                let mut node = node.clone();
+                node.removing = removing;
+                self.nodes.insert(node.name.clone(), node);
+                Ok(Applied { id: 0 })
+            }
+            Command::RemoveNode { name } => {
+                let n = self.nodes.get_mut(name).ok_or_else(|| CoreError::not_found("node", name))?;
+                n.removing = true;
+                Ok(Applied { id: 0 })
+            }
+            Command::ForgetNode { name } => {
+                if !self.nodes.contains_key(name) {
+                    return Err(CoreError::not_found("node", name));
+                }
+                if let Some(s) =
+                    self.sdss.values().find(|s| crate::deploy::split_sds_name(&s.name).is_some_and(|(n, _)| n == name))
+                {
+                    return Err(CoreError::in_use("node", name, format!("its SDS {} is still in the cluster", s.name)));
+                }
+                self.nodes.remove(name);
+                Ok(Applied { id: 0 })
+            }
+            Command::SetDeploySpec { spec } => {
+                if let Some(spec) = spec {
+                    spec.validate()?;
+                }
+                self.deploy_spec = spec.clone();
+                Ok(Applied { id: 0 })
             }
             Command::DrainDevice { sds, path } => {
                 let s = lookup(self.sds_by_name(sds), "SDS", sds)?.clone();

@@ -3,6 +3,7 @@
 //! same code runs in the daemons and under a seeded simulation.
 
 pub mod command;
+pub mod deploy;
 pub mod error;
 pub mod layout;
 pub mod lease;

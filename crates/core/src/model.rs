@@ -31,6 +31,12 @@ pub struct ClusterState {
     /// reinstalled empty under an old id could lend a vote it no longer remembers giving.
     #[serde(default)]
     pub retired_mdm_ids: std::collections::BTreeSet<u64>,
+    /// Nodes reported by their agents, by name (absent in states written before agents).
+    #[serde(default)]
+    pub nodes: BTreeMap<String, crate::deploy::Node>,
+    /// The declarative deployment spec, once `tessera deploy apply` set one.
+    #[serde(default)]
+    pub deploy_spec: Option<crate::deploy::spec::DeploySpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
