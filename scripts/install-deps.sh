@@ -21,6 +21,13 @@ declare -A PACKAGE_OF=(
   [docker]=docker.io
   [dockerd]=docker.io
   [busybox]=busybox-static
+  [sfdisk]=fdisk
+  [blkid]=util-linux
+  [wipefs]=util-linux
+  [mkswap]=util-linux
+  [unshare]=util-linux
+  [addpart]=util-linux
+  [delpart]=util-linux
 )
 
 missing=()

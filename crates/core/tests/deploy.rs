@@ -23,6 +23,7 @@ fn node(name: &str, n: u32, attributes: &[(&str, &str)], disks: Vec<Disk>) -> No
         disks,
         global_pool: Some(PoolRef { domain: "default".into(), pool: "default".into() }),
         removing: false,
+        errors: Vec::new(),
     }
 }
 

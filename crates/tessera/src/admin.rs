@@ -350,18 +350,43 @@ impl Admin {
             }
             DeviceCmd::List => {
                 let s = self.state().await?;
+                // Each device with its node, SDS, protection domain, pool and fault set by name.
+                let rows: Vec<serde_json::Value> = s
+                    .devices
+                    .values()
+                    .map(|d| {
+                        let sds = s.sdss.get(&d.sds_id);
+                        let pool = s.pools.get(&d.pool_id);
+                        json!({
+                            "id": d.id,
+                            "node": sds.and_then(|x| tessera_core::deploy::split_sds_name(&x.name)).map(|(n, _)| n),
+                            "sds": sds.map(|x| &x.name),
+                            "sds_id": d.sds_id,
+                            "path": d.path,
+                            "protection_domain": pool.and_then(|p| s.protection_domains.get(&p.pd_id)).map(|p| &p.name),
+                            "pool": pool.map(|p| &p.name),
+                            "pool_id": d.pool_id,
+                            "fault_set": sds.and_then(|x| x.fault_set_id).and_then(|f| s.fault_sets.get(&f)).map(|f| &f.name),
+                            "state": d.state,
+                            "capacity_bytes": d.capacity_bytes,
+                        })
+                    })
+                    .collect();
                 if self.json {
-                    return print_json(&s.devices.values().collect::<Vec<_>>());
+                    return print_json(&rows);
                 }
                 table::print(
-                    &["id", "sds", "pool", "path", "state", "capacity"],
-                    s.devices
-                        .values()
-                        .map(|d| {
+                    &["id", "node", "sds", "domain", "pool", "path", "state", "capacity"],
+                    rows.iter()
+                        .zip(s.devices.values())
+                        .map(|(r, d)| {
+                            let text = |k: &str| r[k].as_str().unwrap_or("-").to_string();
                             vec![
                                 d.id.to_string(),
-                                s.sdss.get(&d.sds_id).map_or("?".into(), |x| x.name.clone()),
-                                s.pools.get(&d.pool_id).map_or("?".into(), |x| x.name.clone()),
+                                text("node"),
+                                text("sds"),
+                                text("protection_domain"),
+                                text("pool"),
                                 d.path.clone(),
                                 format!("{:?}", d.state).to_lowercase(),
                                 format_size(d.capacity_bytes),

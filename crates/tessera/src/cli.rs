@@ -37,6 +37,15 @@ pub enum Top {
     /// Run one daemon in the foreground.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Run this node's agent: report attributes and disks, run the SDSs and SDC the
+    /// deployment gives the node.
+    Agent(AgentArgs),
+    /// Nodes reported by agents.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Declarative deployment: `plan` shows what a spec would change, `apply` does it.
+    #[command(subcommand)]
+    Deploy(DeployCmd),
     #[command(subcommand)]
     Cluster(ClusterCmd),
     /// MDM cluster members (managers, tiebreakers, standbys).
@@ -99,6 +108,91 @@ pub struct UpArgs {
     /// name is the driver name).
     #[arg(long, default_value = tessera_volumes::config::DEFAULT_PLUGIN_SOCKET)]
     pub plugin_socket: std::path::PathBuf,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// State directory of this agent: its daemons' pid and log files.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Node name (letters, digits, '_', '-'). Default: the short host name, followed by the
+    /// address when --address is given (so several agents can share a test machine).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address this node's daemons listen on. Default: the one it reaches the MDM from.
+    #[arg(long)]
+    pub address: Option<std::net::IpAddr>,
+    /// Attribute directories (one file per attribute) or Mesos attribute files; repeatable.
+    /// Default: /etc/mesos-slave/attributes and /etc/tessera/attributes.
+    #[arg(long = "attributes-dir")]
+    pub attributes_dirs: Vec<PathBuf>,
+    /// `name=value`; repeatable; overrides the files.
+    #[arg(long = "attribute")]
+    pub attributes: Vec<String>,
+    /// Only these devices: comma-separated paths or globs (`/dev/loop3,/dev/sd?`).
+    /// Default: every block device of the node.
+    #[arg(long)]
+    pub disk_candidates: Option<String>,
+    /// Smaller disks are never taken.
+    #[arg(long, default_value = "1GiB")]
+    pub min_disk_size: String,
+    /// Protection domain and pool of the single global pool.
+    #[arg(long, default_value = "default")]
+    pub global_domain: String,
+    #[arg(long, default_value = "default")]
+    pub global_pool: String,
+    /// Never put unused disks into the global pool.
+    #[arg(long)]
+    pub no_global_pool: bool,
+    /// First SDS data port (one per protection domain the node serves).
+    #[arg(long, default_value_t = 7720)]
+    pub sds_base_port: u16,
+    /// Do not run an SDC on this node.
+    #[arg(long)]
+    pub no_sdc: bool,
+    /// Re-read attributes and disks this often.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Return once the node is reported instead of staying in the foreground.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Every node: address, method, SDSs, devices, problems.
+    #[command(alias = "ls")]
+    List,
+    /// One node: attributes, disks and what each is used for, its plan.
+    Show { name: String },
+    /// Drain the node's SDSs, remove them, and forget the node.
+    Remove {
+        name: String,
+        /// Return at once instead of waiting until the node is gone.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DeployCmd {
+    /// Print the difference between the cluster and the layout the spec (or, without one,
+    /// the current attributes and spec) asks for.
+    Plan { spec: Option<PathBuf> },
+    /// Set the spec and wait until the cluster matches it.
+    Apply {
+        spec: PathBuf,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    /// Drop the declarative spec: nodes go back to their attributes or the global pool.
+    Clear,
+    /// Print the spec in effect.
+    Show,
 }
 
 #[derive(Subcommand)]

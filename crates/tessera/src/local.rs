@@ -1,12 +1,11 @@
 //! The embedded default: a whole cluster on one machine, started as real daemon processes
 //! on loopback with file-backed devices. `up` starts or restarts it; `down` stops it.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use tessera_agent::process::{self, live_daemon_pid, log_tail, pid_alive};
 use tessera_core::units::{format_size, parse_size_bytes};
 use tessera_core::{Command, DeviceState};
 use tessera_proto::control::{ControlClient, ControlRequest, ControlResponse};
@@ -20,8 +19,6 @@ pub const LOCAL_POOL: &str = "default";
 pub const LOCAL_SDC: &str = "sdc-1";
 /// How long `up` waits for the cluster to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long `down` waits for a daemon to exit after SIGTERM before SIGKILL.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("tessera.toml")
@@ -58,53 +55,10 @@ fn mdm_role(count: u32, n: u32) -> &'static str {
     }
 }
 
-/// True while the process runs. A zombie (exited, not yet reaped by its parent) counts as
-/// gone; our own exited children (the demo's daemons) are reaped here.
-fn pid_alive(pid: i32) -> bool {
-    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-    if unsafe { libc::kill(pid, 0) } != 0 {
-        return false;
-    }
-    // /proc/PID/stat: "pid (comm) STATE ..."; comm may hold spaces, so read after the ')'.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
-}
-
-/// The pid in a pid file, if that process is alive and is a tessera daemon (a recycled pid
-/// belonging to something else is never signalled).
-fn live_daemon_pid(pid_file: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
-    if pid <= 1 || !pid_alive(pid) {
-        return None;
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmdline).contains("daemon").then_some(pid)
-}
-
 fn spawn_daemon(dir: &Path, role_id: &str, config: &Path, args: &[String]) -> anyhow::Result<i32> {
-    let log_path = dir.join(format!("{role_id}.log"));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--config").arg(config).arg("daemon").args(args);
-    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    // Its own session: the daemon outlives the terminal and the `up` that started it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().with_context(|| format!("starting {role_id}"))?;
-    let pid = child.id() as i32;
-    std::fs::write(dir.join(format!("{role_id}.pid")), format!("{pid}\n"))?;
-    Ok(pid)
-}
-
-fn log_tail(dir: &Path, role_id: &str) -> String {
-    let text = std::fs::read_to_string(dir.join(format!("{role_id}.log"))).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join("\n")
+    let mut daemon_args = vec!["daemon".to_string()];
+    daemon_args.extend_from_slice(args);
+    process::spawn_daemon(&std::env::current_exe()?, dir, role_id, config, &daemon_args)
 }
 
 /// Starts (or restarts) the local cluster in `args.dir` and waits until it is ready.
@@ -203,7 +157,10 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClientConfig> {
     wait_for(&dir, &pids, "the MDM to answer", || async { control.status().await.is_ok() }).await?;
     if fresh {
         form_mdm_cluster(&control, &dir, &pids, &layout).await?;
-        create_layout(&control, &dir, &layout).await?;
+        // With no SDSs (`--sds 0`) agents bring the storage; they create what they need.
+        if layout.sds_count > 0 {
+            create_layout(&control, &dir, &layout).await?;
+        }
     }
     for n in 1..=layout.sds_count {
         let id = format!("sds-{n}");
@@ -383,48 +340,5 @@ pub async fn stop(dir: &Path) -> anyhow::Result<usize> {
 
 /// Stops every daemon of the local cluster in `dir`: SDC first, then SDSs, then the MDM.
 pub fn down(dir: &Path) -> anyhow::Result<usize> {
-    if !dir.is_dir() {
-        bail!("{} is not a directory", dir.display());
-    }
-    let mut pid_files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "pid"))
-        .collect();
-    let rank = |p: &PathBuf| {
-        let n = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        if n.starts_with("sdc") || n.starts_with("volumes") {
-            0
-        } else if n.starts_with("sds") {
-            1
-        } else {
-            2
-        }
-    };
-    pid_files.sort_by_key(rank);
-    let mut stopped = 0;
-    for group in [0, 1, 2] {
-        let members: Vec<&PathBuf> = pid_files.iter().filter(|p| rank(p) == group).collect();
-        let pids: Vec<i32> = members.iter().filter_map(|p| live_daemon_pid(p)).collect();
-        for &pid in &pids {
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        for &pid in &pids {
-            while pid_alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if pid_alive(pid) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                let kill_deadline = Instant::now() + STOP_TIMEOUT;
-                while pid_alive(pid) && Instant::now() < kill_deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            stopped += 1;
-        }
-        for p in members {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-    Ok(stopped)
+    process::stop_all(dir)
 }

@@ -4,6 +4,7 @@ mod admin;
 mod cli;
 mod config;
 mod demo;
+mod deploy;
 mod local;
 mod table;
 mod volumes;
@@ -82,6 +83,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Top::Agent(args) => deploy::agent(&load()?, &config_path, args).await,
+        Top::Node(c) => deploy::node(&load()?, c, cli.json).await,
+        Top::Deploy(c) => deploy::deploy(&load()?, c, cli.json).await,
         Top::Cluster(c) => admin::Admin::new(load()?, cli.json)?.cluster(c).await,
         Top::Mdm(c) => admin::Admin::new(load()?, cli.json)?.mdm(c).await,
         Top::Pd(c) => admin::Admin::new(load()?, cli.json)?.pd(c).await,
@@ -128,7 +132,11 @@ fn main() -> ExitCode {
     } else {
         Cli::parse()
     };
-    init_logging(matches!(cli.command, Top::Daemon(_)));
+    init_logging(match &cli.command {
+        Top::Daemon(_) => true,
+        Top::Agent(a) => !a.detach,
+        _ => false,
+    });
     let runtime = match runtime_builder().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -5,42 +5,8 @@ mod common;
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 
 use common::*;
-
-/// A loop device over a fresh 512 MiB sparse file; detached and removed on drop.
-struct LoopDevice {
-    device: String,
-    dir: PathBuf,
-    backing: PathBuf,
-}
-
-impl LoopDevice {
-    fn new() -> LoopDevice {
-        let dir = fresh_dir("loop");
-        let backing = dir.join("backing.img");
-        std::fs::File::create(&backing).and_then(|f| f.set_len(512 * MIB)).expect("creating the backing file");
-        let out = run(tool("losetup").args(["--find", "--show"]).arg(&backing), CLI_TIMEOUT);
-        assert!(
-            out.status.success(),
-            "losetup could not attach a loop device (needs root and /dev/loop*): {}",
-            describe(&out)
-        );
-        let device = text(&out.stdout).trim().to_string();
-        assert!(device.starts_with("/dev/loop"), "losetup printed {device:?}");
-        LoopDevice { device, dir, backing }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let mut detach = std::process::Command::new("losetup");
-        detach.arg("-d").arg(&self.device);
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut detach, CLI_TIMEOUT)));
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 #[test]
 fn device_on_a_loop_device() {

@@ -50,6 +50,10 @@ pub struct Node {
     /// Set by `tessera node remove`: the node is drained, then forgotten.
     #[serde(default)]
     pub removing: bool,
+    /// What the agent could not read (an unreadable attribute file, a bad flag): the
+    /// planner reports them and changes nothing on the node.
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -125,6 +129,9 @@ impl Node {
                     self.name
                 )));
             }
+        }
+        if self.errors.len() > MAX_NODE_ATTRIBUTES || self.errors.iter().any(|e| e.len() > MAX_ATTRIBUTE_VALUE_BYTES) {
+            return Err(CoreError::Invalid(format!("node {}: too many or too long errors", self.name)));
         }
         if self.hostname.len() > 255 || self.address.len() > 64 || self.disks.iter().any(|d| d.path.len() > 4096) {
             return Err(CoreError::Invalid(format!("node {}: hostname, address or disk path too long", self.name)));

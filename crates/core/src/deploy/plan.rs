@@ -97,6 +97,11 @@ pub fn plan_layout(state: &ClusterState) -> Layout {
             layout.nodes.insert(node.name.clone(), plan);
             continue;
         }
+        if !node.errors.is_empty() {
+            layout.problems.extend(node.errors.iter().map(|e| Problem::node(&node.name, e.clone())));
+            layout.blocked_nodes.insert(node.name.clone());
+            continue;
+        }
         let intent = match parse_node(node) {
             Ok(i) => i,
             Err(problems) => {

@@ -188,6 +188,48 @@ pub fn fresh_dir(label: &str) -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------
+// Loop devices
+
+/// A loop device over a fresh sparse file; detached and removed on drop.
+pub struct LoopDevice {
+    pub device: String,
+    dir: PathBuf,
+    pub backing: PathBuf,
+}
+
+impl LoopDevice {
+    /// 512 MiB, writable.
+    pub fn new() -> LoopDevice {
+        LoopDevice::with(512 * MIB, &[])
+    }
+
+    /// `size_bytes`, with extra `losetup` flags (`-r` for read-only, `-P` to scan partitions).
+    pub fn with(size_bytes: u64, losetup_flags: &[&str]) -> LoopDevice {
+        let dir = fresh_dir("loop");
+        let backing = dir.join("backing.img");
+        std::fs::File::create(&backing).and_then(|f| f.set_len(size_bytes)).expect("creating the backing file");
+        let out = run(tool("losetup").args(["--find", "--show"]).args(losetup_flags).arg(&backing), CLI_TIMEOUT);
+        assert!(
+            out.status.success(),
+            "losetup could not attach a loop device (needs root and /dev/loop*): {}",
+            describe(&out)
+        );
+        let device = text(&out.stdout).trim().to_string();
+        assert!(device.starts_with("/dev/loop"), "losetup printed {device:?}");
+        LoopDevice { device, dir, backing }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let mut detach = Command::new("losetup");
+        detach.arg("-d").arg(&self.device);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut detach, CLI_TIMEOUT)));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Data
 
 /// `len` pseudo-random bytes from `seed` (printed, so a failure can be replayed).

@@ -1,0 +1,381 @@
+//! The agent's loop. Every tick it reads the node's attributes and disks, reports the node
+//! when anything changed, plans the whole cluster with the pure planner, and carries out
+//! the changes that concern its own node (plus any missing domain, pool or fault set),
+//! then keeps one SDS process per domain it serves and an SDC running.
+//!
+//! Every step is idempotent and driven by the replicated state, so a crashed or restarted
+//! agent (or a second one racing to create the same pool) picks up where things are.
+//! Removals never cut a copy: a device or SDS that holds data is drained first (its copies
+//! move elsewhere) and removed only when the MDM accepts the removal.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use serde::{Deserialize, Serialize};
+use tessera_core::deploy::attributes::Problem;
+use tessera_core::deploy::plan::{diff, plan_layout, Change};
+use tessera_core::deploy::{split_sds_name, DiskUsage, Node, PoolRef};
+use tessera_core::{ClusterState, Command, CoreError, DeviceState, SdsState};
+use tessera_proto::control::{ClientError, ControlClient, ControlError};
+
+use crate::attributes::read_attributes;
+use crate::disks::{discover, DiscoveryOptions};
+use crate::process::{live_daemon_pid, spawn_daemon, stop_pid};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: String,
+    pub hostname: String,
+    pub address: IpAddr,
+    /// State directory: pid and log files of the node's daemons, `agent.json`.
+    pub dir: PathBuf,
+    /// Attribute directories (or Mesos attribute files), read in order.
+    pub attribute_sources: Vec<PathBuf>,
+    /// `name=value` flags; they override files.
+    pub attribute_flags: Vec<String>,
+    pub discovery: DiscoveryOptions,
+    /// Where unused disks go under the single-global-pool method; `None` disables it.
+    pub global_pool: Option<PoolRef>,
+    /// The `tessera` binary and the config file its daemons are started with.
+    pub exe: PathBuf,
+    pub config_path: PathBuf,
+    /// SDS data ports are taken from here upwards, one per domain the node serves.
+    pub sds_base_port: u16,
+    pub run_sdc: bool,
+    /// How often attributes and disks are re-read when nothing else happens.
+    pub interval: Duration,
+}
+
+/// What the agent remembers between restarts: which port each of its SDSs uses.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct AgentState {
+    sds_ports: BTreeMap<String, u16>,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    control: ControlClient,
+    /// Problems last logged, so each is logged once rather than every tick.
+    logged_problems: Vec<Problem>,
+    reported_once: bool,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `tessera node remove` finished: the node was drained and forgotten.
+    Removed,
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig, control: ControlClient) -> Agent {
+        Agent { cfg, control, logged_problems: Vec::new(), reported_once: false }
+    }
+
+    pub async fn run(mut self) -> anyhow::Result<Exit> {
+        std::fs::create_dir_all(&self.cfg.dir).with_context(|| format!("creating {}", self.cfg.dir.display()))?;
+        loop {
+            match self.tick().await {
+                Ok(Some(exit)) => return Ok(exit),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("reconcile: {e:#}"),
+            }
+            tokio::time::sleep(self.cfg.interval).await;
+        }
+    }
+
+    /// The node as the agent sees it now.
+    async fn observe(&self) -> anyhow::Result<Node> {
+        let attrs = read_attributes(&self.cfg.attribute_sources, &self.cfg.attribute_flags);
+        let opts = self.cfg.discovery.clone();
+        let disks = tokio::task::spawn_blocking(move || discover(&opts)).await?;
+        Ok(Node {
+            name: self.cfg.name.clone(),
+            hostname: self.cfg.hostname.clone(),
+            address: self.cfg.address.to_string(),
+            attributes: attrs.values,
+            disks,
+            global_pool: self.cfg.global_pool.clone(),
+            removing: false,
+            errors: attrs.errors,
+        })
+    }
+
+    /// One pass. Returns `Some` when the agent should stop.
+    pub async fn tick(&mut self) -> anyhow::Result<Option<Exit>> {
+        let node = self.observe().await?;
+        let mut state = self.control.state().await?.state;
+        match state.nodes.get(&self.cfg.name) {
+            None if self.reported_once => {
+                // Forgotten after `node remove`: nothing of ours is left in the cluster.
+                tracing::info!("node {} was removed from the cluster; stopping its daemons", self.cfg.name);
+                self.stop_daemons(|_| true);
+                return Ok(Some(Exit::Removed));
+            }
+            Some(known) if same_report(known, &node) => {}
+            _ => {
+                self.execute(Command::ReportNode { node: node.clone() }).await?;
+                state = self.control.state().await?.state;
+            }
+        }
+        self.reported_once = true;
+        let layout = plan_layout(&state);
+        self.log_problems(&layout.problems);
+        let mut acted = false;
+        for change in diff(&state, &layout) {
+            if change.node().is_some_and(|n| n != self.cfg.name) {
+                continue;
+            }
+            match self.carry_out(&change, &state, &node).await {
+                Ok(true) if matches!(change, Change::ForgetNode { .. }) => {
+                    tracing::info!("{change}");
+                    return Ok(Some(Exit::Removed));
+                }
+                Ok(true) => {
+                    tracing::info!("{change}");
+                    acted = true;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!("{change}: {e:#}"),
+            }
+        }
+        if acted {
+            state = self.control.state().await?.state;
+        }
+        self.ensure_daemons(&state)?;
+        Ok(None)
+    }
+
+    fn log_problems(&mut self, problems: &[Problem]) {
+        let mine: Vec<Problem> =
+            problems.iter().filter(|p| p.node.as_deref().is_none_or(|n| n == self.cfg.name)).cloned().collect();
+        if mine != self.logged_problems {
+            for p in &mine {
+                tracing::warn!("{p}");
+            }
+            self.logged_problems = mine;
+        }
+    }
+
+    async fn execute(&self, cmd: Command) -> Result<(), ClientError> {
+        self.control.execute(cmd).await.map(|_| ())
+    }
+
+    /// Runs a command that another agent may have run first: "already exists" is success.
+    async fn execute_idempotent(&self, cmd: Command) -> anyhow::Result<bool> {
+        match self.control.execute(cmd).await {
+            Ok(_) => Ok(true),
+            Err(ClientError::Control(ControlError::Refused(CoreError::AlreadyExists { .. }))) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Carries out one change (or its next step). Returns whether anything was done.
+    async fn carry_out(&mut self, change: &Change, state: &ClusterState, node: &Node) -> anyhow::Result<bool> {
+        match change {
+            Change::CreateDomain { domain } => {
+                self.execute_idempotent(Command::CreateProtectionDomain { name: domain.clone() }).await
+            }
+            Change::CreateFaultSet { domain, fault_set } => {
+                self.execute_idempotent(Command::CreateFaultSet { pd: domain.clone(), name: fault_set.clone() }).await
+            }
+            Change::CreatePool { domain, pool, spare_percent } => {
+                self.execute_idempotent(Command::CreatePool {
+                    pd: domain.clone(),
+                    name: pool.clone(),
+                    extent_size_bytes: tessera_core::DEFAULT_EXTENT_SIZE_BYTES,
+                    pg_count: tessera_core::DEFAULT_PG_COUNT,
+                    spare_percent: *spare_percent,
+                })
+                .await
+            }
+            Change::AddSds { sds, domain, fault_set, .. } => {
+                let port = self.port_for(domain, state)?;
+                let data_address = std::net::SocketAddr::new(self.cfg.address, port).to_string();
+                self.execute_idempotent(Command::AddSds {
+                    name: sds.clone(),
+                    pd: domain.clone(),
+                    fault_set: fault_set.clone(),
+                    data_address,
+                })
+                .await
+            }
+            Change::AddDevice { sds, path, pool, .. } => {
+                // A disk that carries one of our old superblocks left the cluster (drained and
+                // removed): clear it so the SDS formats it afresh under its new device id.
+                if let Some(DiskUsage::Tessera { device_id }) = node.disk(path).map(|d| &d.usage) {
+                    if state.devices.contains_key(device_id) {
+                        return Err(anyhow!("{path} is still device {device_id} in the cluster; waiting"));
+                    }
+                    let p = PathBuf::from(path);
+                    tokio::task::spawn_blocking(move || wipe_superblock(&p)).await??;
+                    tracing::info!("cleared the old Tessera superblock of {path} (device {device_id}, removed)");
+                }
+                self.execute_idempotent(Command::AddDevice { sds: sds.clone(), pool: pool.clone(), path: path.clone() })
+                    .await
+            }
+            Change::MoveDevice { sds, path, .. } | Change::RemoveDevice { sds, path, .. } => {
+                self.remove_device(state, sds, path).await
+            }
+            Change::RemoveSds { sds, .. } => {
+                match self.control.execute(Command::RemoveSds { name: sds.clone() }).await {
+                    Ok(_) => {
+                        let domain = split_sds_name(sds).map(|(_, d)| d.to_string()).unwrap_or_default();
+                        self.stop_daemons(|role| role == format!("sds-{domain}"));
+                        Ok(true)
+                    }
+                    Err(ClientError::Control(ControlError::Refused(CoreError::InUse { .. }))) => {
+                        let draining = state.sds_by_name(sds).is_some_and(|s| s.state != SdsState::Normal);
+                        if draining {
+                            return Ok(false);
+                        }
+                        self.execute(Command::DrainSds { name: sds.clone() }).await?;
+                        tracing::info!("draining SDS {sds} before removing it");
+                        Ok(true)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Change::ForgetNode { node } => {
+                // The SDC goes with the node, but never under a mapped volume: the MDM refuses
+                // while one is mapped, and the node stays (removing) until it is unmapped.
+                match self.control.execute(Command::RemoveSdc { name: node.clone() }).await {
+                    Ok(_) | Err(ClientError::Control(ControlError::Refused(CoreError::NotFound { .. }))) => {}
+                    Err(e) => return Err(anyhow!("removing SDC {node}: {e}")),
+                }
+                self.execute(Command::ForgetNode { name: node.clone() }).await?;
+                self.stop_daemons(|_| true);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Removes a device, draining it first when it holds copies.
+    async fn remove_device(&self, state: &ClusterState, sds: &str, path: &str) -> anyhow::Result<bool> {
+        match self.control.execute(Command::RemoveDevice { sds: sds.to_string(), path: path.to_string() }).await {
+            Ok(_) => Ok(true),
+            Err(ClientError::Control(ControlError::Refused(CoreError::InUse { .. }))) => {
+                let normal = state
+                    .sds_by_name(sds)
+                    .and_then(|s| state.devices_of_sds(s.id).find(|d| d.path == path))
+                    .is_some_and(|d| d.state == DeviceState::Normal);
+                if !normal {
+                    return Ok(false); // draining (or failed): its copies are moving
+                }
+                self.execute(Command::DrainDevice { sds: sds.to_string(), path: path.to_string() }).await?;
+                tracing::info!("draining {path} before removing it");
+                Ok(true)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The data port of this node's SDS in `domain`: remembered across restarts, else the
+    /// lowest port from the base that none of the node's SDSs uses.
+    fn port_for(&self, domain: &str, state: &ClusterState) -> anyhow::Result<u16> {
+        let path = self.cfg.dir.join("agent.json");
+        let mut saved: AgentState = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentState::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if let Some(p) = saved.sds_ports.get(domain) {
+            return Ok(*p);
+        }
+        let ip = self.cfg.address.to_string();
+        let taken = |port: u16| {
+            saved.sds_ports.values().any(|p| *p == port)
+                || state
+                    .sdss
+                    .values()
+                    .any(|s| s.data_address == std::net::SocketAddr::new(self.cfg.address, port).to_string())
+        };
+        let port = (self.cfg.sds_base_port..u16::MAX)
+            .find(|p| !taken(*p))
+            .ok_or_else(|| anyhow!("no free SDS port on {ip} above {}", self.cfg.sds_base_port))?;
+        saved.sds_ports.insert(domain.to_string(), port);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&saved)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(port)
+    }
+
+    /// One SDS process per SDS of this node in the cluster, an SDC if asked; processes of
+    /// SDSs that left the cluster are stopped.
+    fn ensure_daemons(&self, state: &ClusterState) -> anyhow::Result<()> {
+        let dir = &self.cfg.dir;
+        let mut wanted = Vec::new();
+        for sds in state.sdss.values() {
+            let Some((owner, domain)) = split_sds_name(&sds.name) else { continue };
+            if owner != self.cfg.name {
+                continue;
+            }
+            let role = format!("sds-{domain}");
+            wanted.push(role.clone());
+            if live_daemon_pid(&dir.join(format!("{role}.pid"))).is_none() {
+                let args = ["daemon", "sds", "--name", &sds.name, "--listen", &sds.data_address].map(String::from);
+                let pid = spawn_daemon(&self.cfg.exe, dir, &role, &self.cfg.config_path, &args)?;
+                tracing::info!(pid, "started SDS {} on {}", sds.name, sds.data_address);
+            }
+        }
+        if self.cfg.run_sdc && live_daemon_pid(&dir.join("sdc.pid")).is_none() {
+            let socket = dir.join("sdc.sock");
+            let _ = std::fs::remove_file(&socket);
+            let args = [
+                "daemon".to_string(),
+                "sdc".into(),
+                "--name".into(),
+                self.cfg.name.clone(),
+                "--socket".into(),
+                socket.display().to_string(),
+            ];
+            let pid = spawn_daemon(&self.cfg.exe, dir, "sdc", &self.cfg.config_path, &args)?;
+            tracing::info!(pid, "started SDC {}", self.cfg.name);
+        }
+        self.stop_daemons(|role| role.starts_with("sds-") && !wanted.iter().any(|w| w == role));
+        Ok(())
+    }
+
+    /// Stops this node's daemons whose role (pid file stem) `which` selects.
+    fn stop_daemons(&self, which: impl Fn(&str) -> bool) {
+        let Ok(entries) = std::fs::read_dir(&self.cfg.dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(role) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else { continue };
+            if path.extension().is_none_or(|e| e != "pid") || role == "agent" || !which(&role) {
+                continue;
+            }
+            if let Some(pid) = live_daemon_pid(&path) {
+                tracing::info!(pid, "stopping {role}");
+                stop_pid(pid);
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// True when the cluster already holds this report (the removal mark is the cluster's, not
+/// the agent's, and does not count).
+fn same_report(known: &Node, now: &Node) -> bool {
+    let mut k = known.clone();
+    k.removing = false;
+    k == *now
+}
+
+/// Zeroes the first 4 KiB (the Tessera superblock) of a disk that left the cluster. Opened
+/// exclusively: while an SDS still has it open, this fails and is retried next tick.
+fn wipe_superblock(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+        .with_context(|| format!("opening {} exclusively to clear it", path.display()))?;
+    f.write_all(&[0u8; 4096])?;
+    f.sync_all()?;
+    Ok(())
+}
