@@ -217,7 +217,8 @@ impl Agent {
                 self.execute_idempotent(Command::AddDevice { sds: sds.clone(), pool: pool.clone(), path: path.clone() })
                     .await
             }
-            Change::MoveDevice { sds, path, .. } | Change::RemoveDevice { sds, path, .. } => {
+            // A move is a removal now and an addition once the disk is free (next ticks).
+            Change::MoveDevice { from_sds: sds, path, .. } | Change::RemoveDevice { sds, path, .. } => {
                 self.remove_device(state, sds, path).await
             }
             Change::RemoveSds { sds, .. } => {

@@ -57,9 +57,9 @@ fn converge(state: &mut ClusterState) -> Vec<Change> {
                     vec![Command::AddSds { name: sds, pd: domain, fault_set, data_address: address }]
                 }
                 Change::AddDevice { sds, path, pool, .. } => vec![Command::AddDevice { sds, pool, path }],
-                Change::MoveDevice { sds, path, to_pool, .. } => {
+                Change::MoveDevice { from_sds, sds, path, to_pool, .. } => {
                     vec![
-                        Command::RemoveDevice { sds: sds.clone(), path: path.clone() },
+                        Command::RemoveDevice { sds: from_sds, path: path.clone() },
                         Command::AddDevice { sds, pool: to_pool, path },
                     ]
                 }
@@ -469,4 +469,38 @@ fn attribute_changes_and_node_removal_drain_then_forget() {
     assert_eq!(text, ["- SDS n3.pd on node n3 (drain first)", "- node n3 (removed; nothing left on it)"]);
     assert!(!s.nodes.contains_key("n3"));
     assert_eq!(devices(&s).len(), 3);
+}
+
+#[test]
+fn a_spec_moves_global_pool_disks_into_another_domain() {
+    let mut s = ClusterState::default();
+    for n in 1..=3 {
+        report(&mut s, node(&format!("n{n}"), n, &[], vec![disk("/dev/loop1", DiskUsage::Unused)]));
+    }
+    converge(&mut s);
+    assert!(devices(&s).iter().all(|d| d.1 == "default"));
+    s.apply(&Command::SetDeploySpec { spec: Some(spec(r#"{"pool": [{"domain": "prod", "name": "fast"}]}"#)) }).unwrap();
+    // The agents now see their disks as Tessera's (device ids still in the cluster).
+    for n in 1..=3u32 {
+        let id = s.devices.values().find(|d| s.sdss[&d.sds_id].name == format!("n{n}.default")).unwrap().id;
+        report(&mut s, node(&format!("n{n}"), n, &[], vec![disk("/dev/loop1", DiskUsage::Tessera { device_id: id })]));
+    }
+    let changes = diff(&s, &plan_layout(&s));
+    let text: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert!(
+        text.contains(&"~ device n1:/dev/loop1 pool default -> fast (drain, remove, re-add)".to_string()),
+        "{text:?}"
+    );
+    assert!(
+        changes.iter().any(
+            |c| matches!(c, Change::MoveDevice { from_sds, sds, .. } if from_sds == "n1.default" && sds == "n1.prod")
+        ),
+        "{changes:?}"
+    );
+    // Once removed, a disk whose device the cluster forgot is still the plan's.
+    s.apply(&Command::RemoveSds { name: "n1.default".into() }).unwrap();
+    let layout = plan_layout(&s);
+    assert_eq!(layout.nodes["n1"].sds["prod"].devices["/dev/loop1"], "fast");
+    converge(&mut s);
+    assert!(devices(&s).iter().all(|d| d.1 == "prod" && d.2 == "fast"), "{:?}", devices(&s));
 }

@@ -189,8 +189,14 @@ pub enum DeployCmd {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
-    /// Drop the declarative spec: nodes go back to their attributes or the global pool.
-    Clear,
+    /// Drop the declarative spec (nodes go back to their attributes or the global pool) and
+    /// wait until the cluster matches.
+    Clear {
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
     /// Print the spec in effect.
     Show,
 }

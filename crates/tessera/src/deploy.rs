@@ -408,27 +408,9 @@ pub async fn deploy(cfg: &ClientConfig, cmd: DeployCmd, as_json: bool) -> anyhow
         }
         DeployCmd::Apply { spec, no_wait, timeout_secs } => {
             let spec = read_spec(&spec)?;
-            let mut state = control.state().await?.state;
-            state.deploy_spec = Some(spec.clone());
-            let layout = plan_layout(&state);
-            if !layout.problems.is_empty() {
-                for p in &layout.problems {
-                    eprintln!("! {p}");
-                }
-                bail!("the plan has {} problem(s); nothing was changed", layout.problems.len());
-            }
-            control.execute(Command::SetDeploySpec { spec: Some(spec) }).await?;
-            println!("spec set; the agents carry it out");
-            if no_wait {
-                return Ok(());
-            }
-            wait_converged(&control, Duration::from_secs(timeout_secs)).await
+            set_spec(&control, Some(spec), no_wait, timeout_secs).await
         }
-        DeployCmd::Clear => {
-            control.execute(Command::SetDeploySpec { spec: None }).await?;
-            println!("spec cleared");
-            Ok(())
-        }
+        DeployCmd::Clear { no_wait, timeout_secs } => set_spec(&control, None, no_wait, timeout_secs).await,
         DeployCmd::Show => {
             let state = control.state().await?.state;
             match state.deploy_spec {
@@ -439,6 +421,32 @@ pub async fn deploy(cfg: &ClientConfig, cmd: DeployCmd, as_json: bool) -> anyhow
             Ok(())
         }
     }
+}
+
+/// Sets (or clears) the spec unless the plan it makes has problems, then waits until the
+/// agents carried it out.
+async fn set_spec(
+    control: &ControlClient,
+    spec: Option<DeploySpec>,
+    no_wait: bool,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    let mut state = control.state().await?.state;
+    state.deploy_spec = spec.clone();
+    let layout = plan_layout(&state);
+    if !layout.problems.is_empty() {
+        for p in &layout.problems {
+            eprintln!("! {p}");
+        }
+        bail!("the plan has {} problem(s); nothing was changed", layout.problems.len());
+    }
+    let set = spec.is_some();
+    control.execute(Command::SetDeploySpec { spec }).await?;
+    println!("{}; the agents carry it out", if set { "spec set" } else { "spec cleared" });
+    if no_wait {
+        return Ok(());
+    }
+    wait_converged(control, Duration::from_secs(timeout_secs)).await
 }
 
 /// Waits until nothing is left to do: no change in the diff, nothing formatting or draining.

@@ -472,24 +472,35 @@ devices = { min_size = "2GiB" }
     let fault_sets = c.json(&["fault-set", "ls"]);
     assert_eq!(fault_sets.as_array().unwrap().len(), 3, "{fault_sets:#}");
 
-    // A spec that leaves d1 out of fast drains its device first; data written meanwhile stays.
+    // A spec that moves d1's disk out of fast into its own pool: drained first (the data
+    // written meanwhile stays whole), removed, cleared, re-added.
     c.ok(&["volume", "create", "f1", "--size", "32MiB", "--pool", "fast"]);
     let uri = c.map("f1");
     let data = random_file(&c.dir.join("f1.bin"), 52, 32 * MIB as usize);
     tool_ok("nbdcopy", &[c.dir.join("f1.bin").to_str().unwrap(), &uri]);
     let spec2 = c.dir.join("spec2.toml");
-    let spec2_text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("name = \"fast\"\n", "name = \"fast\"\nnodes = { node = [\"d2\", \"d3\", \"d4\", \"d5\", \"d6\"] }\n");
+    let spec2_text = std::fs::read_to_string(&spec).unwrap().replace(
+        "name = \"fast\"\n",
+        "name = \"fast\"\nnodes = { node = [\"d2\", \"d3\", \"d4\", \"d5\", \"d6\"] }\n",
+    ) + "\n[[pool]]\ndomain = \"prod\"\nname = \"edge\"\nnodes = { node = \"d1\" }\ndevices = { max_size = \"1GiB\" }\n";
     std::fs::write(&spec2, spec2_text).unwrap();
     let plan = c.ok(&["deploy", "plan", spec2.to_str().unwrap()]);
-    assert!(plan.contains("- SDS d1.prod on node d1 (drain first)"), "d1 keeps nothing in prod: {plan}");
+    let moved = format!("~ device d1:{} pool fast -> edge (drain, remove, re-add)", small[0].device);
+    assert!(plan.contains(&moved), "{plan}");
     c.ok(&["deploy", "apply", spec2.to_str().unwrap(), "--timeout-secs", "120"]);
-    assert!(!devices(&c).iter().any(|d| d.0 == "d1"), "{:?}", devices(&c));
+    let now = devices(&c);
+    assert!(
+        now.contains(&("d1".into(), "prod".into(), "edge".into(), small[0].device.clone(), "normal".into())),
+        "{now:?}"
+    );
+    assert_eq!(now.iter().filter(|d| d.2 == "fast").count(), 5, "{now:?}");
     c.verify("f1");
     let back = c.dir.join("f1.back");
     tool_ok("nbdcopy", &[&uri, back.to_str().unwrap()]);
-    assert_same_bytes("f1 after d1 drained out of fast", &data, &std::fs::read(&back).unwrap());
+    assert_same_bytes("f1 after d1's disk moved out of fast", &data, &std::fs::read(&back).unwrap());
+    // Clearing the spec would leave pools holding volumes without devices: refused.
+    let out = c.cli(&["deploy", "clear"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("pool fast holds 1 volume(s)"), "{}", describe(&out));
 
     // Fewer than three fault sets is refused with a clear message, and nothing changes.
     let spec3 = c.dir.join("spec3.toml");

@@ -211,18 +211,23 @@ pub fn plan_layout(state: &ClusterState) -> Layout {
         }
     }
     check_consumed_pools(state, &mut layout);
+    check_pools_keep_room(state, &mut layout);
     check_fault_sets(state, &mut layout);
     layout.mdm = plan_mdms(spec, &personas, &mut layout.problems);
     fill_mdm_slots(&mut layout, state);
     layout
 }
 
-/// A disk the declarative and global-pool methods may take: unused, or already one of this
-/// node's devices (so a re-plan keeps it, or moves it).
+/// A disk the declarative and global-pool methods may take: unused, already one of this
+/// node's devices (so a re-plan keeps it, or moves it), or formatted by this cluster for a
+/// device the cluster no longer has (drained and removed, as in the middle of a move: the
+/// cluster needs nothing on it). A device of another node is never taken.
 fn eligible(state: &ClusterState, node: &Node, path: &str) -> bool {
     match node.disk(path).map(|d| &d.usage) {
         Some(DiskUsage::Unused) => true,
-        Some(DiskUsage::Tessera { .. }) => current_device(state, &node.name, path).is_some(),
+        Some(DiskUsage::Tessera { device_id }) => {
+            !state.devices.contains_key(device_id) || current_device(state, &node.name, path).is_some()
+        }
         _ => false,
     }
 }
@@ -276,6 +281,40 @@ fn check_consumed_pools(state: &ClusterState, layout: &mut Layout) {
     // Consuming an unknown pool blocks nothing: the SDC runs either way, and the pool may
     // appear when its nodes join.
     layout.problems.extend(bad);
+}
+
+/// A pool holding volumes must keep devices on at least two SDSs, or its copies have
+/// nowhere to drain to and the plan would stall half done.
+fn check_pools_keep_room(state: &ClusterState, layout: &mut Layout) {
+    for pool in state.pools.values() {
+        let volumes = state.volumes_of_pool(pool.id).count();
+        if volumes == 0 {
+            continue;
+        }
+        let mut sdss: BTreeSet<String> = BTreeSet::new();
+        for (node, plan) in &layout.nodes {
+            for (domain, sds) in &plan.sds {
+                if sds.devices.values().any(|p| *p == pool.name) {
+                    sdss.insert(sds_name(node, domain));
+                }
+            }
+        }
+        for d in state.devices_of_pool(pool.id) {
+            let Some(sds) = state.sdss.get(&d.sds_id) else { continue };
+            let owner = split_sds_name(&sds.name).map(|(n, _)| n);
+            // SDSs no plan governs (added by hand, or of a node in error) keep their devices.
+            if owner.is_none_or(|n| !layout.nodes.contains_key(n)) {
+                sdss.insert(sds.name.clone());
+            }
+        }
+        if sdss.len() < 2 {
+            layout.problems.push(Problem::cluster(format!(
+                "pool {} holds {volumes} volume(s) but the plan leaves it devices on {} SDS(s); its copies would have nowhere to go (keep at least two, or remove its volumes first)",
+                pool.name,
+                sdss.len()
+            )));
+        }
+    }
 }
 
 /// In a domain where any SDS has a fault set, every SDS needs one and there must be at
@@ -448,9 +487,11 @@ pub enum Change {
         path: String,
         pool: String,
     },
-    /// Drain from `from_pool`, remove, clear the old superblock, add to `to_pool`.
+    /// Drain from `from_pool` (on `from_sds`), remove, clear the old superblock, add to
+    /// `to_pool` on `sds`.
     MoveDevice {
         node: String,
+        from_sds: String,
         sds: String,
         path: String,
         from_pool: String,
@@ -555,15 +596,20 @@ pub fn diff(state: &ClusterState, layout: &Layout) -> Vec<Change> {
                         spare_percent: spare,
                     });
                 }
-                match current_device(state, node, path) {
-                    Some((d, from)) if from == *pool && d.state != DeviceState::Draining => {}
-                    Some((_, from)) if from == *pool => {
+                let current = current_device(state, node, path);
+                // On another of the node's SDSs (the disk changes domain): same as a move.
+                let same_sds =
+                    current.as_ref().is_some_and(|(d, _)| state.sdss.get(&d.sds_id).is_some_and(|s| s.name == sds));
+                match current {
+                    Some((d, from)) if from == *pool && same_sds && d.state != DeviceState::Draining => {}
+                    Some((_, from)) if from == *pool && same_sds => {
                         // Draining but wanted again: nothing to add; the drain runs its course
                         // and the device is re-added afterwards.
                     }
-                    Some((_, from)) => {
+                    Some((d, from)) => {
                         changes.insert(Change::MoveDevice {
                             node: node.clone(),
+                            from_sds: state.sdss.get(&d.sds_id).map(|s| s.name.clone()).unwrap_or_default(),
                             sds: sds.clone(),
                             path: path.clone(),
                             from_pool: from,
