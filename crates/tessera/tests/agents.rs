@@ -33,8 +33,7 @@ impl Agents {
         disks: &[&str],
         extra: &[&str],
     ) -> PathBuf {
-        let (dir, cmd) = self.command(c, name, ip, attrs, disks, extra);
-        let mut cmd = cmd;
+        let (dir, mut cmd) = self.command(c, name, ip, attrs, disks, extra);
         let out = run(&mut cmd, UP_TIMEOUT);
         assert!(out.status.success(), "agent {name} did not start: {}\n{}", describe(&out), agent_log(&dir));
         dir
@@ -56,15 +55,21 @@ impl Agents {
             std::fs::write(attr_dir.join(k), format!("{v}\n")).unwrap();
         }
         self.dirs.lock().unwrap().push(dir.clone());
-        let mut cmd = Command::new(BIN);
-        cmd.arg("--config").arg(c.config()).env_remove("TESSERA_CONFIG");
-        cmd.args(["agent", "--name", name, "--address", &format!("127.0.0.{ip}")]);
-        cmd.arg("--dir").arg(dir.join("state")).arg("--attributes-dir").arg(&attr_dir);
-        cmd.args(["--disk-candidates", &disks.join(","), "--min-disk-size", "256MiB", "--interval-ms", "500"]);
-        cmd.args(["--sds-base-port", &c.spare_port(0).to_string(), "--detach"]);
-        cmd.args(extra);
-        (dir, cmd)
+        (dir.clone(), agent_command(c, &dir, name, ip, disks, extra))
     }
+}
+
+/// `tessera agent … --detach` for the agent whose files are under `dir`.
+fn agent_command(c: &Cluster, dir: &Path, name: &str, ip: u8, disks: &[&str], extra: &[&str]) -> Command {
+    let attr_dir = dir.join("attributes");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(c.config()).env_remove("TESSERA_CONFIG");
+    cmd.args(["agent", "--name", name, "--address", &format!("127.0.0.{ip}")]);
+    cmd.arg("--dir").arg(dir.join("state")).arg("--attributes-dir").arg(&attr_dir);
+    cmd.args(["--disk-candidates", &disks.join(","), "--min-disk-size", "256MiB", "--interval-ms", "500"]);
+    cmd.args(["--sds-base-port", &c.spare_port(0).to_string(), "--detach"]);
+    cmd.args(extra);
+    cmd
 }
 
 fn agent_log(dir: &Path) -> String {
@@ -205,6 +210,28 @@ fn global_pool_takes_only_blank_disks_adopts_a_later_node_and_removes_one() {
         let status = c.status();
         (n4["used_bytes"].as_u64().unwrap_or(0) > 0 && status["pgs"]["degraded_pgs"] == 0).then_some(())
     });
+
+    // An agent that dies and restarts changes nothing: its SDS kept serving meanwhile and
+    // keeps its port.
+    let n1_dir = agents.dirs.lock().unwrap()[0].clone();
+    let agent_pid: i32 = std::fs::read_to_string(n1_dir.join("state/agent.pid")).unwrap().trim().parse().unwrap();
+    let sds_pid = std::fs::read_to_string(n1_dir.join("state/sds-default.pid")).unwrap();
+    let before = c.json(&["sds", "ls"]);
+    unsafe { libc::kill(agent_pid, libc::SIGKILL) };
+    poll("the agent to die", POLL_TIMEOUT, || (!pid_alive(agent_pid)).then_some(()));
+    let out = run(&mut agent_command(&c, &n1_dir, "n1", 31, &[b0, &ext4.device, &parted.device], &[]), UP_TIMEOUT);
+    assert!(out.status.success(), "restarting n1's agent: {}", describe(&out));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        std::fs::read_to_string(n1_dir.join("state/sds-default.pid")).unwrap(),
+        sds_pid,
+        "the SDS was not restarted"
+    );
+    let after = c.json(&["sds", "ls"]);
+    let addresses = |v: &serde_json::Value| {
+        v.as_array().unwrap().iter().map(|s| (s["name"].to_string(), s["address"].to_string())).collect::<BTreeSet<_>>()
+    };
+    assert_eq!(addresses(&before), addresses(&after));
 
     // Removing a node drains it first; the data stays whole.
     c.ok(&["node", "remove", "n2", "--timeout-secs", "120"]);
