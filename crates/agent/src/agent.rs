@@ -16,13 +16,15 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use serde::{Deserialize, Serialize};
 use tessera_core::deploy::attributes::Problem;
-use tessera_core::deploy::plan::{diff, plan_layout, Change};
+use tessera_core::deploy::plan::{diff, plan_layout, Change, Layout};
 use tessera_core::deploy::{split_sds_name, DiskUsage, Node, PoolRef};
 use tessera_core::{ClusterState, Command, CoreError, DeviceState, SdsState};
-use tessera_proto::control::{ClientError, ControlClient, ControlError};
+use tessera_proto::control::{ClientError, ControlClient, ControlError, ControlRequest, ControlResponse};
+use tessera_proto::ClusterSecret;
 
 use crate::attributes::read_attributes;
 use crate::disks::{discover, DiscoveryOptions};
+use crate::mdm::{next_step, MdmStep};
 use crate::process::{live_daemon_pid, spawn_daemon, stop_pid};
 
 #[derive(Debug, Clone)]
@@ -45,6 +47,10 @@ pub struct AgentConfig {
     /// SDS data ports are taken from here upwards, one per domain the node serves.
     pub sds_base_port: u16,
     pub run_sdc: bool,
+    /// Port of the MDM this node runs when the MDM plan places one here.
+    pub mdm_port: u16,
+    /// The cluster secret, to reach an MDM directly (asking it to take the lead).
+    pub secret: ClusterSecret,
     /// How often attributes and disks are re-read when nothing else happens.
     pub interval: Duration,
 }
@@ -60,6 +66,8 @@ pub struct Agent {
     control: ControlClient,
     /// Problems last logged, so each is logged once rather than every tick.
     logged_problems: Vec<Problem>,
+    /// Why the MDM placement waits, last logged.
+    mdm_wait: Option<String>,
     reported_once: bool,
 }
 
@@ -72,7 +80,7 @@ pub enum Exit {
 
 impl Agent {
     pub fn new(cfg: AgentConfig, control: ControlClient) -> Agent {
-        Agent { cfg, control, logged_problems: Vec::new(), reported_once: false }
+        Agent { cfg, control, logged_problems: Vec::new(), mdm_wait: None, reported_once: false }
     }
 
     pub async fn run(mut self) -> anyhow::Result<Exit> {
@@ -101,6 +109,8 @@ impl Agent {
             global_pool: self.cfg.global_pool.clone(),
             removing: false,
             errors: attrs.errors,
+            mdm_id: None,
+            mdm_port: Some(self.cfg.mdm_port),
         })
     }
 
@@ -146,7 +156,94 @@ impl Agent {
             state = self.control.state().await?.state;
         }
         self.ensure_daemons(&state)?;
+        if let Err(e) = self.reconcile_mdm(&state, &layout).await {
+            if self.mdm_wait.as_deref() != Some(e.as_str()) {
+                tracing::warn!("MDM placement: {e}");
+                self.mdm_wait = Some(e);
+            }
+        }
         Ok(None)
+    }
+
+    /// Runs this node's MDM when the plan places one here; the agent of the plan's first
+    /// manager also moves the MDM cluster one step towards the plan.
+    async fn reconcile_mdm(&mut self, state: &ClusterState, layout: &Layout) -> Result<(), String> {
+        let Some(plan) = layout.mdm.as_ref().filter(|p| p.complete) else { return Ok(()) };
+        let me = &self.cfg.name;
+        let role = if plan.managers.contains(me) {
+            "manager"
+        } else if plan.tiebreakers.contains(me) {
+            "tiebreaker"
+        } else {
+            return Ok(());
+        };
+        let Some(id) = state.nodes.get(me).and_then(|n| n.mdm_id) else {
+            self.execute(Command::AssignMdmId { node: me.clone() }).await.map_err(|e| e.to_string())?;
+            return Ok(());
+        };
+        let dir = &self.cfg.dir;
+        if live_daemon_pid(&dir.join("mdm.pid")).is_none() {
+            let listen = std::net::SocketAddr::new(self.cfg.address, self.cfg.mdm_port).to_string();
+            let mdm_dir = dir.join("mdm").display().to_string();
+            let args = [
+                "daemon",
+                "mdm",
+                "--dir",
+                &mdm_dir,
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &listen,
+                "--role",
+                role,
+                "--standby",
+            ]
+            .map(String::from);
+            let pid =
+                spawn_daemon(&self.cfg.exe, dir, "mdm", &self.cfg.config_path, &args).map_err(|e| format!("{e:#}"))?;
+            tracing::info!(pid, "started MDM {id} ({role}) on {listen}");
+        }
+        if plan.managers.first() != Some(me) {
+            return Ok(());
+        }
+        let mut nodes = BTreeMap::new();
+        for n in plan.managers.iter().chain(&plan.tiebreakers) {
+            let Some(node) = state.nodes.get(n) else { continue };
+            if let (Some(id), Some(port)) = (node.mdm_id, node.mdm_port) {
+                nodes.insert(n.clone(), (id, format!("{}:{port}", node.address)));
+            }
+        }
+        let status = self.control.status().await.map_err(|e| e.to_string())?;
+        let Some(step) = next_step(plan, &nodes, &status.mdm)? else {
+            self.mdm_wait = None;
+            return Ok(());
+        };
+        tracing::info!("MDM placement: {step:?}");
+        let (client, request) = match &step {
+            MdmStep::Add { id, address } => {
+                (None, ControlRequest::AddMdm { address: address.clone(), expect_id: Some(*id) })
+            }
+            MdmStep::Switch { mode, managers, tiebreakers } => (
+                None,
+                ControlRequest::SwitchClusterMode {
+                    mode: mode.clone(),
+                    managers: Some(managers.clone()),
+                    tiebreakers: Some(tiebreakers.clone()),
+                },
+            ),
+            MdmStep::Campaign { address, .. } => {
+                (Some(ControlClient::new(vec![address.clone()], self.cfg.secret.clone())), ControlRequest::Campaign)
+            }
+        };
+        let reply = match &client {
+            Some(c) => c.request(&request).await,
+            None => self.control.request(&request).await,
+        };
+        match reply {
+            Ok(ControlResponse::Members(_) | ControlResponse::Done) => Ok(()),
+            Ok(other) => Err(format!("{step:?}: unexpected answer {other:?}")),
+            Err(e) => Err(format!("{step:?}: {e}")),
+        }
     }
 
     fn log_problems(&mut self, problems: &[Problem]) {
@@ -358,11 +455,12 @@ impl Agent {
     }
 }
 
-/// True when the cluster already holds this report (the removal mark is the cluster's, not
-/// the agent's, and does not count).
+/// True when the cluster already holds this report (the removal mark and the MDM id are the
+/// cluster's, not the agent's, and do not count).
 fn same_report(known: &Node, now: &Node) -> bool {
     let mut k = known.clone();
     k.removing = false;
+    k.mdm_id = None;
     k == *now
 }
 

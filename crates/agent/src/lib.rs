@@ -4,4 +4,5 @@
 pub mod agent;
 pub mod attributes;
 pub mod disks;
+pub mod mdm;
 pub mod process;

@@ -179,6 +179,11 @@ pub enum Command {
     ForgetNode {
         name: String,
     },
+    /// Gives a node an MDM id (if it has none): above every id assigned or retired, and
+    /// above the ids `tessera up` uses, so it never meets one in use.
+    AssignMdmId {
+        node: String,
+    },
     /// Sets (or clears) the declarative deployment spec.
     SetDeploySpec {
         spec: Option<crate::deploy::spec::DeploySpec>,
@@ -607,9 +612,12 @@ impl ClusterState {
                 if let Some(other) = self.nodes.values().find(|n| n.name != node.name && n.address == node.address) {
                     return Err(CoreError::exists("node address", &format!("{} (node {})", node.address, other.name)));
                 }
-                // A report never undoes `node remove`: the node drains whatever its agent says.
+                // A report never undoes `node remove` nor changes the node's MDM id: those are
+                // the cluster's, not the agent's.
+                let mdm_id = self.nodes.get(&node.name).and_then(|n| n.mdm_id);
                 let mut node = node.clone();
                 node.removing = removing;
+                node.mdm_id = mdm_id;
                 self.nodes.insert(node.name.clone(), node);
                 Ok(Applied { id: 0 })
             }
@@ -629,6 +637,25 @@ impl ClusterState {
                 }
                 self.nodes.remove(name);
                 Ok(Applied { id: 0 })
+            }
+            Command::AssignMdmId { node } => {
+                let n = self.nodes.get(node).ok_or_else(|| CoreError::not_found("node", node))?;
+                if let Some(id) = n.mdm_id {
+                    return Ok(Applied { id });
+                }
+                let highest = self
+                    .nodes
+                    .values()
+                    .filter_map(|n| n.mdm_id)
+                    .chain(self.retired_mdm_ids.iter().copied())
+                    .max()
+                    .unwrap_or(0)
+                    .max(crate::deploy::FIRST_NODE_MDM_ID - 1);
+                let id = highest + 1;
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.mdm_id = Some(id);
+                }
+                Ok(Applied { id })
             }
             Command::SetDeploySpec { spec } => {
                 if let Some(spec) = spec {

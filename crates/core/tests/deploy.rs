@@ -24,6 +24,8 @@ fn node(name: &str, n: u32, attributes: &[(&str, &str)], disks: Vec<Disk>) -> No
         global_pool: Some(PoolRef { domain: "default".into(), pool: "default".into() }),
         removing: false,
         errors: Vec::new(),
+        mdm_id: None,
+        mdm_port: None,
     }
 }
 

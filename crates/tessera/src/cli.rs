@@ -147,6 +147,9 @@ pub struct AgentArgs {
     /// First SDS data port (one per protection domain the node serves).
     #[arg(long, default_value_t = 7720)]
     pub sds_base_port: u16,
+    /// Port of this node's MDM, when the MDM placement puts one here.
+    #[arg(long, default_value_t = 7730)]
+    pub mdm_port: u16,
     /// Do not run an SDC on this node.
     #[arg(long)]
     pub no_sdc: bool,

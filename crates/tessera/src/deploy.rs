@@ -118,6 +118,8 @@ pub async fn agent(cfg: &ClientConfig, config_path: &Path, args: AgentArgs) -> a
         config_path,
         sds_base_port: args.sds_base_port,
         run_sdc: !args.no_sdc,
+        mdm_port: args.mdm_port,
+        secret: cfg.secret()?,
         interval: Duration::from_millis(args.interval_ms.max(100)),
     };
     tracing::info!("agent for node {name} on {address}, state in {}", dir.display());

@@ -537,3 +537,57 @@ devices = { min_size = "2GiB" }
     let err = text(&out.stderr);
     assert!(err.contains("has only 2 (a, b); at least 3"), "{err}");
 }
+
+#[test]
+fn personas_move_the_mdm_cluster_onto_their_nodes() {
+    let blank: Vec<LoopDevice> = (0..3).map(|_| LoopDevice::with(GIB, &[])).collect();
+    let c = Cluster::start(0);
+    let agents = Agents::new();
+    let mdm_port = c.spare_port(1).to_string();
+    let mut dirs = Vec::new();
+    for (i, persona) in ["primary", "secondary", "tiebreaker"].iter().enumerate() {
+        let name = format!("m{}", i + 1);
+        let attrs = [("scaleio-persona", *persona)];
+        dirs.push(agents.start(&c, &name, 61 + i as u8, &attrs, &[&blank[i].device], &["--mdm-port", &mdm_port]));
+    }
+    let plan = c.ok(&["deploy", "plan"]);
+    assert!(plan.contains("MDM placement for 3_node: managers m1, m2"), "{plan}");
+    let ids: Vec<u64> = poll("MDM ids for the three nodes", POLL_TIMEOUT, || {
+        let all: Vec<u64> =
+            ["m1", "m2", "m3"].iter().filter_map(|n| c.json(&["node", "show", n])["node"]["mdm_id"].as_u64()).collect();
+        (all.len() == 3).then_some(all)
+    });
+    let mdm = poll("the MDM cluster to move onto m1, m2, m3 with m1 leading", POLL_TIMEOUT * 3, || {
+        let m = c.json(&["mdm", "ls"]);
+        let voters: BTreeSet<u64> =
+            m["members"].as_array()?.iter().filter(|x| x["voter"] == true).filter_map(|x| x["id"].as_u64()).collect();
+        (m["mode"] == "3_node" && voters == ids.iter().copied().collect() && m["leader_id"].as_u64() == Some(ids[0]))
+            .then_some(m)
+    });
+    let old = mdm["members"].as_array().unwrap().iter().find(|x| x["id"] == 1).cloned().unwrap_or_default();
+    assert_eq!(old["voter"], false, "the local MDM stays, as a standby: {mdm:#}");
+    let roles: Vec<String> = ids
+        .iter()
+        .map(|id| mdm["members"].as_array().unwrap().iter().find(|x| x["id"] == *id).unwrap()["role"].to_string())
+        .collect();
+    assert_eq!(roles, ["\"manager\"", "\"manager\"", "\"tiebreaker\""], "{mdm:#}");
+    // The storage was laid out meanwhile, and the MDMs on the nodes carry the cluster: with
+    // m1's MDM killed, m2 takes over and metadata changes go on.
+    wait_for_devices(
+        &c,
+        &want(&[
+            ("m1", "default", "default", &blank[0].device),
+            ("m2", "default", "default", &blank[1].device),
+            ("m3", "default", "default", &blank[2].device),
+        ]),
+    );
+    let m1_mdm: i32 = std::fs::read_to_string(dirs[0].join("state/mdm.pid")).unwrap().trim().parse().unwrap();
+    // The agent would restart it: stop the agent first.
+    let agent: i32 = std::fs::read_to_string(dirs[0].join("state/agent.pid")).unwrap().trim().parse().unwrap();
+    unsafe {
+        libc::kill(agent, libc::SIGKILL);
+        libc::kill(m1_mdm, libc::SIGKILL);
+    }
+    poll("m2 to lead", POLL_TIMEOUT, || (c.json(&["mdm", "ls"])["leader_id"].as_u64() == Some(ids[1])).then_some(()));
+    c.create_volume("after-failover", "16MiB");
+}

@@ -31,6 +31,8 @@ pub const MAX_NODE_ATTRIBUTES: usize = 256;
 pub const MAX_NODE_DISKS: usize = 512;
 pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
 pub const MAX_ATTRIBUTE_NAME_BYTES: usize = 128;
+/// MDMs placed on nodes get ids from here up; `tessera up` and hand-started MDMs use small ids.
+pub const FIRST_NODE_MDM_ID: u64 = 101;
 
 /// What an agent reports about its node. Replaced whole by every report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +56,13 @@ pub struct Node {
     /// planner reports them and changes nothing on the node.
     #[serde(default)]
     pub errors: Vec<String>,
+    /// The id its MDM runs under, once the MDM plan placed one here. Assigned by the cluster
+    /// ([`crate::Command::AssignMdmId`]), kept across reports, never reused.
+    #[serde(default)]
+    pub mdm_id: Option<u64>,
+    /// The port this node's MDM listens on, should the MDM plan place one here.
+    #[serde(default)]
+    pub mdm_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -75,6 +75,10 @@ pub struct MdmPlan {
     /// Node names; the first is the preferred primary.
     pub managers: Vec<String>,
     pub tiebreakers: Vec<String>,
+    /// A node's persona pins the primary (`managers[0]`): leadership is moved there.
+    pub primary_pinned: bool,
+    /// Every slot is filled and no pin conflicts: the agents may carry it out.
+    pub complete: bool,
 }
 
 /// ScaleIO's rule: a domain with fault sets needs at least three, so that after losing one
@@ -384,6 +388,7 @@ fn plan_mdms(
         "3_node" => (2, 1),
         _ => (3, 2),
     };
+    let problems_before = problems.len();
     let mut managers: Vec<String> = Vec::new();
     let mut tiebreakers: Vec<String> = Vec::new();
     let mut sorted = personas.to_vec();
@@ -410,7 +415,9 @@ fn plan_mdms(
         managers.truncate(want_managers);
         tiebreakers.truncate(want_tiebreakers);
     }
-    Some(MdmPlan { mode, managers, tiebreakers })
+    let primary_pinned = personas.iter().any(|(_, p, _)| *p == Persona::Primary);
+    let complete = problems.len() == problems_before;
+    Some(MdmPlan { mode, managers, tiebreakers, primary_pinned, complete })
 }
 
 /// Completes an MDM plan with unpinned nodes, preferring fault sets and racks not used yet.
@@ -450,6 +457,7 @@ fn fill_mdm_slots(layout: &mut Layout, state: &ClusterState) {
         chosen.push(pick);
     }
     if mdm.managers.len() + mdm.tiebreakers.len() < want_managers + want_tiebreakers {
+        mdm.complete = false;
         layout.problems.push(Problem::cluster(format!(
             "{} needs {} MDM nodes but only {} can be chosen",
             mdm.mode,
