@@ -24,7 +24,7 @@ use tessera_proto::ClusterSecret;
 
 use crate::attributes::read_attributes;
 use crate::disks::{discover, DiscoveryOptions};
-use crate::mdm::{next_step, MdmStep};
+use crate::mdm::{next_step, planned_nodes, MdmStep};
 use crate::process::{live_daemon_pid, spawn_daemon, stop_pid};
 
 #[derive(Debug, Clone)]
@@ -206,13 +206,7 @@ impl Agent {
         if plan.managers.first() != Some(me) {
             return Ok(());
         }
-        let mut nodes = BTreeMap::new();
-        for n in plan.managers.iter().chain(&plan.tiebreakers) {
-            let Some(node) = state.nodes.get(n) else { continue };
-            if let (Some(id), Some(port)) = (node.mdm_id, node.mdm_port) {
-                nodes.insert(n.clone(), (id, format!("{}:{port}", node.address)));
-            }
-        }
+        let nodes = planned_nodes(plan, state);
         let status = self.control.status().await.map_err(|e| e.to_string())?;
         let Some(step) = next_step(plan, &nodes, &status.mdm)? else {
             self.mdm_wait = None;

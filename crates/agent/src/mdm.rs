@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tessera_core::deploy::plan::MdmPlan;
+use tessera_core::ClusterState;
 use tessera_proto::control::MdmClusterStatus;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +22,18 @@ pub enum MdmStep {
     Switch { mode: String, managers: Vec<u64>, tiebreakers: Vec<u64> },
     /// Ask this MDM (a voting manager) to take the lead.
     Campaign { id: u64, address: String },
+}
+
+/// The MDM id and address of every planned node that has both.
+pub fn planned_nodes(plan: &MdmPlan, state: &ClusterState) -> BTreeMap<String, (u64, String)> {
+    let mut nodes = BTreeMap::new();
+    for n in plan.managers.iter().chain(&plan.tiebreakers) {
+        let Some(node) = state.nodes.get(n) else { continue };
+        if let (Some(id), Some(port)) = (node.mdm_id, node.mdm_port) {
+            nodes.insert(n.clone(), (id, format!("{}:{port}", node.address)));
+        }
+    }
+    nodes
 }
 
 /// The next step towards `plan`, `Ok(None)` when the MDM cluster matches it, or why it has

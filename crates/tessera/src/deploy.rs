@@ -9,6 +9,7 @@ use serde_json::json;
 use tessera_agent::agent::{Agent, AgentConfig};
 use tessera_agent::attributes::DEFAULT_ATTRIBUTE_DIRS;
 use tessera_agent::disks::DiscoveryOptions;
+use tessera_agent::mdm::{next_step, planned_nodes};
 use tessera_agent::process::{live_daemon_pid, log_tail, pid_alive, spawn_daemon};
 use tessera_core::deploy::plan::{diff, plan_layout, Layout};
 use tessera_core::deploy::spec::DeploySpec;
@@ -460,6 +461,14 @@ async fn wait_converged(control: &ControlClient, timeout: Duration) -> anyhow::R
         let layout = plan_layout(&state);
         let mut left: Vec<String> = diff(&state, &layout).iter().map(|c| c.to_string()).collect();
         left.extend(in_flight(&state));
+        if let Some(plan) = layout.mdm.as_ref().filter(|p| p.complete) {
+            let status = control.status().await?;
+            match next_step(plan, &planned_nodes(plan, &state), &status.mdm) {
+                Ok(None) => {}
+                Ok(Some(step)) => left.push(format!("MDM placement: {step:?}")),
+                Err(why) => left.push(format!("MDM placement waits: {why}")),
+            }
+        }
         if left.is_empty() {
             println!("the cluster matches the plan");
             return Ok(());

@@ -452,7 +452,7 @@ fn declarative_plan_then_apply_reaches_the_plan_with_fault_sets() {
             51 + i as u8,
             &[("rack", &rack), ("row", row)],
             &[&small[i].device, &big[i].device],
-            &["--no-global-pool", "--no-sdc"],
+            &["--no-global-pool", "--no-sdc", "--mdm-port", &c.spare_port(1).to_string()],
         );
     }
     assert!(devices(&c).is_empty(), "--no-global-pool and no spec: nothing is taken");
@@ -484,6 +484,19 @@ devices = { min_size = "2GiB" }
     assert!(plan.contains("MDM placement for 3_node"), "{plan}");
     let applied = c.ok(&["deploy", "apply", spec.to_str().unwrap(), "--timeout-secs", "120"]);
     assert!(applied.contains("the cluster matches the plan"), "{applied}");
+    // The MDMs moved onto three nodes, one per rack (apply waited for that too).
+    let mdm = c.json(&["mdm", "ls"]);
+    let voter_addresses: BTreeSet<String> = mdm["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["voter"] == true)
+        .map(|m| m["address"].as_str().unwrap().rsplit_once(':').unwrap().0.to_string())
+        .collect();
+    assert_eq!(mdm["mode"], "3_node", "{mdm:#}");
+    let racks: BTreeSet<u8> =
+        voter_addresses.iter().map(|a| (a.rsplit('.').next().unwrap().parse::<u8>().unwrap() - 51) % 3).collect();
+    assert_eq!((voter_addresses.len(), racks.len()), (3, 3), "MDM voters on distinct racks: {mdm:#}");
     let again = c.ok(&["deploy", "plan", spec.to_str().unwrap()]);
     assert!(again.contains("no changes"), "a second plan shows no difference: {again}");
     let mut rows: Vec<(String, String, String, String)> = Vec::new();
