@@ -72,6 +72,10 @@ impl Admin {
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             },
+            ClusterCmd::JoinToken => {
+                println!("{}", self.config.join_token());
+                Ok(())
+            }
             ClusterCmd::SwitchMode { mode, managers, tiebreakers } => {
                 let req = ControlRequest::SwitchClusterMode { mode: mode.clone(), managers, tiebreakers };
                 self.membership_change(req, &format!("switched the MDM cluster to {mode}")).await

@@ -115,6 +115,11 @@ pub struct AgentArgs {
     /// State directory of this agent: its daemons' pid and log files.
     #[arg(long)]
     pub dir: PathBuf,
+    /// Join with a token from `tessera cluster join-token` instead of a config file; the
+    /// agent writes the config (mode 0600) into --dir for the daemons it starts. Prefer the
+    /// environment variable: a flag shows in the process list.
+    #[arg(long, env = "TESSERA_JOIN_TOKEN", hide_env_values = true)]
+    pub join: Option<String>,
     /// Node name (letters, digits, '_', '-'). Default: the short host name, followed by the
     /// address when --address is given (so several agents can share a test machine).
     #[arg(long)]
@@ -252,6 +257,9 @@ pub enum ClusterCmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Print a join token: `tessera agent --join TOKEN` needs nothing else (it holds the
+    /// cluster secret).
+    JoinToken,
     /// Switch the MDM cluster mode (`scli --switch_cluster_mode`). Members not named are
     /// chosen among the current voters and standbys of each role; members that leave the
     /// mode stay as standbys.

@@ -100,3 +100,39 @@ pub fn new_cluster_id() -> String {
     rand::rngs::OsRng.fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// A join token: what an agent needs to join (cluster id, secret, MDM addresses) in one
+/// string, `tessera-join1:<cluster id>:<secret>@<mdm>,<mdm>`. It holds the secret: treat it
+/// like the config file.
+pub const JOIN_TOKEN_PREFIX: &str = "tessera-join1:";
+
+impl ClientConfig {
+    pub fn join_token(&self) -> String {
+        format!("{JOIN_TOKEN_PREFIX}{}:{}@{}", self.cluster_id, self.secret, self.mdm.join(","))
+    }
+
+    /// A client config from a join token, checked like a loaded config.
+    pub fn from_join_token(token: &str) -> anyhow::Result<ClientConfig> {
+        let bad = || {
+            anyhow!("not a join token (expected {JOIN_TOKEN_PREFIX}<cluster id>:<secret>@<mdm,...>; see `tessera cluster join-token`)")
+        };
+        let rest = token.trim().strip_prefix(JOIN_TOKEN_PREFIX).ok_or_else(bad)?;
+        let (ids, mdms) = rest.split_once('@').ok_or_else(bad)?;
+        let (cluster_id, secret) = ids.split_once(':').ok_or_else(bad)?;
+        let mdm: Vec<String> = mdms.split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+        if mdm.is_empty() || mdm.iter().any(|m| m.parse::<std::net::SocketAddr>().is_err()) {
+            return Err(anyhow!("join token: the MDM addresses must be host:port, comma separated"));
+        }
+        let cfg = ClientConfig {
+            cluster_id: cluster_id.to_string(),
+            secret: secret.to_string(),
+            mdm,
+            sdc: None,
+            local: None,
+            volumes: None,
+        };
+        cfg.secret().context("join token")?;
+        cfg.cluster_id().context("join token")?;
+        Ok(cfg)
+    }
+}

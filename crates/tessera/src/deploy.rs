@@ -183,7 +183,9 @@ async fn detach(cfg: &ClientConfig, config_path: &Path, dir: &Path, name: &str) 
     }
 }
 
-/// Drops `--config X` / `--config=X` (spawn_daemon passes its own) and `--json`.
+/// Drops `--config X` / `--config=X` (spawn_daemon passes its own) and `--join X` (the
+/// config it made is in the state directory; the token holds the secret and would show in
+/// the process list).
 fn strip_config_flag(args: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     let mut skip = false;
@@ -192,11 +194,11 @@ fn strip_config_flag(args: &[String]) -> Vec<String> {
             skip = false;
             continue;
         }
-        if a == "--config" {
+        if a == "--config" || a == "--join" {
             skip = true;
             continue;
         }
-        if a.starts_with("--config=") {
+        if a.starts_with("--config=") || a.starts_with("--join=") {
             continue;
         }
         out.push(a.clone());

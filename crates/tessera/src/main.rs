@@ -83,7 +83,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Top::Agent(args) => deploy::agent(&load()?, &config_path, args).await,
+        Top::Agent(args) => match args.join.clone() {
+            None => deploy::agent(&load()?, &config_path, args).await,
+            Some(token) => {
+                let cfg = ClientConfig::from_join_token(&token)?;
+                std::fs::create_dir_all(&args.dir)?;
+                let path = args.dir.join("tessera.toml");
+                cfg.save(&path)?;
+                deploy::agent(&cfg, &path, args).await
+            }
+        },
         Top::Node(c) => deploy::node(&load()?, c, cli.json).await,
         Top::Deploy(c) => deploy::deploy(&load()?, c, cli.json).await,
         Top::Cluster(c) => admin::Admin::new(load()?, cli.json)?.cluster(c).await,

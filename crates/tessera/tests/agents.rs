@@ -59,11 +59,19 @@ impl Agents {
     }
 }
 
-/// `tessera agent … --detach` for the agent whose files are under `dir`.
+/// `tessera agent … --detach` for the agent whose files are under `dir`. With
+/// `TESSERA_JOIN_TOKEN` in `extra_env` the agent gets no config file.
 fn agent_command(c: &Cluster, dir: &Path, name: &str, ip: u8, disks: &[&str], extra: &[&str]) -> Command {
     let attr_dir = dir.join("attributes");
     let mut cmd = Command::new(BIN);
-    cmd.arg("--config").arg(c.config()).env_remove("TESSERA_CONFIG");
+    cmd.env_remove("TESSERA_CONFIG").env_remove("TESSERA_JOIN_TOKEN");
+    if !extra.contains(&"--join-with-token") {
+        cmd.arg("--config").arg(c.config());
+    } else {
+        let token = c.ok(&["cluster", "join-token"]);
+        cmd.env("TESSERA_JOIN_TOKEN", token.trim());
+    }
+    let extra: Vec<&str> = extra.iter().copied().filter(|a| *a != "--join-with-token").collect();
     cmd.args(["agent", "--name", name, "--address", &format!("127.0.0.{ip}")]);
     cmd.arg("--dir").arg(dir.join("state")).arg("--attributes-dir").arg(&attr_dir);
     cmd.args(["--disk-candidates", &disks.join(","), "--min-disk-size", "256MiB", "--interval-ms", "500"]);
@@ -289,17 +297,26 @@ fn bad_attributes_are_named_and_change_nothing_until_fixed() {
     assert!(devices(&c).is_empty(), "a node with bad attributes contributes nothing");
     // Fixed: the node joins with exactly what it lists, and two more nodes make a pool.
     std::fs::remove_file(dir.join("attributes/scaleio-sdc-pd11")).unwrap();
-    for (name, ip, disk) in [("good2", 42, b1), ("good3", 43, b2)] {
+    // good3 joins with a token instead of a config file.
+    for (name, ip, disk, how) in [("good2", 42, b1, ""), ("good3", 43, b2, "--join-with-token")] {
         agents.start(
             &c,
             name,
             ip,
             &[("tessera-sds-domains", "pd1"), ("tessera-sds-pd1", "p1"), ("tessera-sds-p1", disk)],
             &[disk],
-            &[],
+            &[how].into_iter().filter(|h| !h.is_empty()).collect::<Vec<_>>(),
         );
     }
     wait_for_devices(&c, &want(&[("bad", "pd1", "p1", b0), ("good2", "pd1", "p1", b1), ("good3", "pd1", "p1", b2)]));
+    let good3 = agents.dirs.lock().unwrap().last().unwrap().join("state");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(good3.join("tessera.toml")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the config made from the token holds the secret");
+    let pid = std::fs::read_to_string(good3.join("agent.pid")).unwrap();
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap()).to_string();
+    let secret = c.ok(&["cluster", "join-token"]).split(':').nth(2).unwrap().split('@').next().unwrap().to_string();
+    assert!(!cmdline.contains(&secret), "the secret shows in the agent's command line: {cmdline}");
     assert!(node_problems(&c, "bad").is_empty());
     // Taking a device out of the attribute drains and removes it.
     std::fs::write(dir.join("attributes/scaleio-sds-p1"), "\n").unwrap();
