@@ -51,8 +51,10 @@ pub struct AgentConfig {
     pub mdm_port: u16,
     /// The cluster secret, to reach an MDM directly (asking it to take the lead).
     pub secret: ClusterSecret,
-    /// How often attributes and disks are re-read when nothing else happens.
+    /// How often attributes are re-read and the plan checked.
     pub interval: Duration,
+    /// How often disks are probed again when the agent changed nothing on them.
+    pub disk_rescan: Duration,
 }
 
 /// What the agent remembers between restarts: which port each of its SDSs uses.
@@ -68,6 +70,8 @@ pub struct Agent {
     logged_problems: Vec<Problem>,
     /// Why the MDM placement waits, last logged.
     mdm_wait: Option<String>,
+    /// The last disk inventory and when it was taken.
+    disks: Option<(std::time::Instant, Vec<tessera_core::deploy::Disk>)>,
     reported_once: bool,
 }
 
@@ -80,7 +84,7 @@ pub enum Exit {
 
 impl Agent {
     pub fn new(cfg: AgentConfig, control: ControlClient) -> Agent {
-        Agent { cfg, control, logged_problems: Vec::new(), mdm_wait: None, reported_once: false }
+        Agent { cfg, control, logged_problems: Vec::new(), mdm_wait: None, disks: None, reported_once: false }
     }
 
     pub async fn run(mut self) -> anyhow::Result<Exit> {
@@ -96,10 +100,20 @@ impl Agent {
     }
 
     /// The node as the agent sees it now.
-    async fn observe(&self) -> anyhow::Result<Node> {
+    /// Attributes are read every tick (cheap); disks are probed again only every
+    /// `disk_rescan` or after the agent changed something on them, since probing an unused
+    /// disk reads it (`blkid -p` bypasses the cache).
+    async fn observe(&mut self) -> anyhow::Result<Node> {
         let attrs = read_attributes(&self.cfg.attribute_sources, &self.cfg.attribute_flags);
-        let opts = self.cfg.discovery.clone();
-        let disks = tokio::task::spawn_blocking(move || discover(&opts)).await?;
+        let disks = match &self.disks {
+            Some((at, disks)) if at.elapsed() < self.cfg.disk_rescan => disks.clone(),
+            _ => {
+                let opts = self.cfg.discovery.clone();
+                let disks = tokio::task::spawn_blocking(move || discover(&opts)).await?;
+                self.disks = Some((std::time::Instant::now(), disks.clone()));
+                disks
+            }
+        };
         Ok(Node {
             name: self.cfg.name.clone(),
             hostname: self.cfg.hostname.clone(),
@@ -154,6 +168,7 @@ impl Agent {
         }
         if acted {
             state = self.control.state().await?.state;
+            self.disks = None; // what we did (formatting, clearing) shows on the next probe
         }
         self.ensure_daemons(&state)?;
         if let Err(e) = self.reconcile_mdm(&state, &layout).await {

@@ -158,9 +158,12 @@ pub struct AgentArgs {
     /// Do not run an SDC on this node.
     #[arg(long)]
     pub no_sdc: bool,
-    /// Re-read attributes and disks this often.
+    /// Re-read attributes and check the plan this often.
     #[arg(long, default_value_t = 1000)]
     pub interval_ms: u64,
+    /// Probe disks again this often (probing an unused disk reads it).
+    #[arg(long, default_value_t = 10_000)]
+    pub disk_rescan_ms: u64,
     /// Return once the node is reported instead of staying in the foreground.
     #[arg(long)]
     pub detach: bool,

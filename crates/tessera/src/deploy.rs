@@ -122,6 +122,7 @@ pub async fn agent(cfg: &ClientConfig, config_path: &Path, args: AgentArgs) -> a
         mdm_port: args.mdm_port,
         secret: cfg.secret()?,
         interval: Duration::from_millis(args.interval_ms.max(100)),
+        disk_rescan: Duration::from_millis(args.disk_rescan_ms.max(100)),
     };
     tracing::info!("agent for node {name} on {address}, state in {}", dir.display());
     let control = ControlClient::new(cfg.mdm.clone(), cfg.secret()?);

@@ -142,6 +142,12 @@ impl Node {
         if self.errors.len() > MAX_NODE_ATTRIBUTES || self.errors.iter().any(|e| e.len() > MAX_ATTRIBUTE_VALUE_BYTES) {
             return Err(CoreError::Invalid(format!("node {}: too many or too long errors", self.name)));
         }
+        if self.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(CoreError::Invalid(format!(
+                "node {}: address {:?} is not an IP address",
+                self.name, self.address
+            )));
+        }
         if self.hostname.len() > 255 || self.address.len() > 64 || self.disks.iter().any(|d| d.path.len() > 4096) {
             return Err(CoreError::Invalid(format!("node {}: hostname, address or disk path too long", self.name)));
         }
