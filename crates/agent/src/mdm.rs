@@ -46,6 +46,9 @@ pub fn next_step(
     let id_of = |node: &String| nodes.get(node).cloned().ok_or_else(|| format!("node {node} has no MDM yet"));
     let managers: Vec<(u64, String)> = plan.managers.iter().map(id_of).collect::<Result<_, _>>()?;
     let tiebreakers: Vec<(u64, String)> = plan.tiebreakers.iter().map(id_of).collect::<Result<_, _>>()?;
+    if managers.is_empty() {
+        return Err("the plan names no manager".into());
+    }
     let members: BTreeSet<u64> = status.members.iter().map(|m| m.id).collect();
     if let Some((id, address)) = managers.iter().chain(&tiebreakers).find(|(id, _)| !members.contains(id)) {
         return Ok(Some(MdmStep::Add { id: *id, address: address.clone() }));

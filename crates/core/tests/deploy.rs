@@ -506,3 +506,113 @@ fn a_spec_moves_global_pool_disks_into_another_domain() {
     converge(&mut s);
     assert!(devices(&s).iter().all(|d| d.1 == "prod" && d.2 == "fast"), "{:?}", devices(&s));
 }
+
+/// A tiny deterministic generator (no dependency): xorshift64*.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+/// Random attribute sets, disks and specs: the planner never panics, and carrying out its
+/// changes — problems or not — converges (a second plan is empty) without a refused command.
+#[test]
+fn random_nodes_never_panic_and_clean_plans_converge() {
+    let keys = [
+        "scaleio-sds-domains",
+        "tessera-sds-domains",
+        "scaleio-sds-pd1",
+        "scaleio-sds-pd2",
+        "tessera-sds-p1",
+        "scaleio-sds-p1",
+        "scaleio-sds-p2",
+        "scaleio-sdc-domains",
+        "scaleio-sdc-pd1",
+        "tessera-faultset",
+        "scaleio-persona",
+        "rack",
+        "scaleio-sds-",
+        "tessera-",
+    ];
+    let values = [
+        "pd1",
+        "pd2",
+        "pd1,pd2",
+        "p1",
+        "p2",
+        "p1,p2",
+        "/dev/a",
+        "/dev/b",
+        "/dev/a,/dev/b",
+        "/dev/a, /dev/a",
+        "",
+        ",",
+        " p1 ",
+        "r1",
+        "r2",
+        "r3",
+        "primary",
+        "tiebreaker",
+        "bad name",
+        "p1,pd1",
+        "\u{0}",
+        "ü",
+    ];
+    let usages = [
+        DiskUsage::Unused,
+        DiskUsage::InUse { reason: "holds an ext4 filesystem".into() },
+        DiskUsage::Missing { reason: "does not exist".into() },
+        DiskUsage::Tessera { device_id: 999_999 },
+    ];
+    let specs = [
+        None,
+        Some(r#"{"pool": [{"domain": "pd1", "name": "p1"}]}"#),
+        Some(
+            r#"{"fault_set_key": "rack", "pool": [{"domain": "pd2", "name": "p2", "nodes": {"rack": ["r1", "r2"]}}]}"#,
+        ),
+        Some(
+            r#"{"mdm_mode": "5_node", "pool": [{"domain": "pd1", "name": "p1", "devices": {"paths": ["/dev/a"]}}, {"domain": "pd1", "name": "p3", "devices": {"paths": ["/dev/b"]}}]}"#,
+        ),
+    ];
+    let mut clean = 0;
+    for seed in 1..=500u64 {
+        let mut g = Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut s = ClusterState::default();
+        if let Some(json) = specs[(g.next() % specs.len() as u64) as usize] {
+            s.apply(&Command::SetDeploySpec { spec: Some(toml_like(json)) }).unwrap();
+        }
+        let nodes = 1 + g.next() % 6;
+        for n in 1..=nodes {
+            let mut attrs = Vec::new();
+            for _ in 0..g.next() % 6 {
+                attrs.push((g.pick(&keys), g.pick(&values)));
+            }
+            let disks = ["/dev/a", "/dev/b"]
+                .iter()
+                .map(|p| disk(p, usages[(g.next() % usages.len() as u64) as usize].clone()))
+                .collect();
+            let mut nd = node(&format!("n{n}"), n as u32, &attrs, disks);
+            if g.next() % 4 == 0 {
+                nd.global_pool = None;
+            }
+            // Reports that the state machine refuses (bad bounds) are refused, not panics.
+            let _ = s.apply(&Command::ReportNode { node: nd });
+        }
+        // Problems block their own node or domain; the rest of the plan must still go
+        // through without a refused command and leave nothing to do.
+        let layout = plan_layout(&s);
+        if layout.problems.is_empty() {
+            clean += 1;
+        }
+        converge(&mut s);
+    }
+    assert!(clean > 10, "too few clean random layouts to mean anything: {clean}");
+}
