@@ -600,7 +600,7 @@ fn random_nodes_never_panic_and_clean_plans_converge() {
                 .map(|p| disk(p, usages[(g.next() % usages.len() as u64) as usize].clone()))
                 .collect();
             let mut nd = node(&format!("n{n}"), n as u32, &attrs, disks);
-            if g.next() % 4 == 0 {
+            if g.next().is_multiple_of(4) {
                 nd.global_pool = None;
             }
             // Reports that the state machine refuses (bad bounds) are refused, not panics.
