@@ -347,6 +347,24 @@ impl Agent {
                 }
             }
             Change::ForgetNode { node } => {
+                // An MDM here leaves the MDM cluster first: never while it votes (the MDM
+                // placement, which no longer counts this node, moves the vote first), and as
+                // a standby it is removed, its id retired.
+                if let Some(id) = state.nodes.get(node).and_then(|n| n.mdm_id) {
+                    let status = self.control.status().await?;
+                    match status.mdm.members.iter().find(|m| m.id == id) {
+                        Some(m) if m.voter => {
+                            return Err(anyhow!(
+                                "this node's MDM {id} still votes; waiting for the MDM placement to move"
+                            ))
+                        }
+                        Some(_) => match self.control.request(&ControlRequest::RemoveMdm { id }).await? {
+                            ControlResponse::Members(_) => tracing::info!("removed this node's standby MDM {id}"),
+                            other => return Err(anyhow!("removing MDM {id}: {other:?}")),
+                        },
+                        None => {}
+                    }
+                }
                 // The SDC goes with the node, but never under a mapped volume: the MDM refuses
                 // while one is mapped, and the node stays (removing) until it is unmapped.
                 match self.control.execute(Command::RemoveSdc { name: node.clone() }).await {

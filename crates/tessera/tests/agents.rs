@@ -570,7 +570,8 @@ devices = { min_size = "2GiB" }
 
 #[test]
 fn personas_move_the_mdm_cluster_onto_their_nodes() {
-    let blank: Vec<LoopDevice> = (0..3).map(|_| LoopDevice::with(GIB, &[])).collect();
+    // Declared before the cluster and the agents: dropped after them.
+    let blank: Vec<LoopDevice> = (0..4).map(|_| LoopDevice::with(GIB, &[])).collect();
     let c = Cluster::start(0);
     let agents = Agents::new();
     let mdm_port = c.spare_port(1).to_string();
@@ -611,6 +612,22 @@ fn personas_move_the_mdm_cluster_onto_their_nodes() {
             ("m3", "default", "default", &blank[2].device),
         ]),
     );
+    // Removing the tiebreaker's node moves its vote to a node added for it, removes its MDM
+    // (id retired), then forgets the node.
+    agents.start(&c, "m4", 64, &[], &[&blank[3].device], &["--mdm-port", &mdm_port]);
+    c.ok(&["node", "remove", "m3", "--timeout-secs", "120"]);
+    let m4_id = c.json(&["node", "show", "m4"])["node"]["mdm_id"].as_u64().expect("m4 runs an MDM");
+    let mdm = c.json(&["mdm", "ls"]);
+    let voters: BTreeSet<u64> = mdm["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["voter"] == true)
+        .filter_map(|x| x["id"].as_u64())
+        .collect();
+    assert_eq!(voters, [ids[0], ids[1], m4_id].into_iter().collect(), "{mdm:#}");
+    assert!(mdm["members"].as_array().unwrap().iter().all(|x| x["id"] != ids[2]), "m3's MDM left: {mdm:#}");
+
     let m1_mdm: i32 = std::fs::read_to_string(dirs[0].join("state/mdm.pid")).unwrap().trim().parse().unwrap();
     // The agent would restart it: stop the agent first.
     let agent: i32 = std::fs::read_to_string(dirs[0].join("state/agent.pid")).unwrap().trim().parse().unwrap();
