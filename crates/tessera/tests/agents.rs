@@ -410,8 +410,12 @@ fn seed_examples_verbatim_sixteen_agents_with_dev_xvdf() {
             (1..=16).map(|n| (format!("agent{n}"), "mydomain", "mypool", "/dev/xvdf")).collect();
         let rows: Vec<(&str, &str, &str, &str)> = rows.iter().map(|(n, d, p, x)| (n.as_str(), *d, *p, *x)).collect();
         wait_for_devices(&c, &want(&rows));
-        let sdcs = c.json(&["sdc", "ls"]);
-        assert!(sdcs.as_array().unwrap().len() >= 16, "every agent runs an SDC: {sdcs:#}");
+        poll("every agent's SDC to register", POLL_TIMEOUT, || {
+            let sdcs = c.json(&["sdc", "ls"]);
+            let names: BTreeSet<String> =
+                sdcs.as_array()?.iter().filter_map(|x| x["name"].as_str().map(String::from)).collect();
+            (1..=16).all(|n| names.contains(&format!("agent{n}"))).then_some(())
+        });
         let status = c.status();
         assert_eq!(status["pgs"]["unplaced_pgs"], 0, "{status:#}");
         c.create_volume("seed1", "32MiB");
