@@ -333,7 +333,10 @@ fn all_block_devices() -> BTreeMap<String, Option<String>> {
     for entry in entries.flatten() {
         let Ok(name) = entry.file_name().into_string() else { continue };
         let dir = entry.path();
-        if name.starts_with("ram") || name.starts_with("zram") {
+        // Only disks: never RAM disks, nor virtual devices stacked on other disks (device
+        // mapper and LVM volumes, md arrays, ZFS volumes, NBD clients) or optical/floppy
+        // drives. An operator who means one names it in --disk-candidates.
+        if ["ram", "zram", "dm-", "md", "zd", "nbd", "sr", "fd"].iter().any(|p| name.starts_with(p)) {
             continue;
         }
         if name.starts_with("loop") && !dir.join("loop/backing_file").exists() {
