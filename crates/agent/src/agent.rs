@@ -47,6 +47,8 @@ pub struct AgentConfig {
     /// SDS data ports are taken from here upwards, one per domain the node serves.
     pub sds_base_port: u16,
     pub run_sdc: bool,
+    /// The node's volume service, when it runs one (it needs the SDC).
+    pub volumes: Option<VolumeServiceSetup>,
     /// Port of the MDM this node runs when the MDM plan places one here.
     pub mdm_port: u16,
     /// The cluster secret, to reach an MDM directly (asking it to take the lead).
@@ -55,6 +57,15 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// How often disks are probed again when the agent changed nothing on them.
     pub disk_rescan: Duration,
+}
+
+/// How to run the node's volume service (`daemon volumes`).
+#[derive(Debug, Clone)]
+pub struct VolumeServiceSetup {
+    /// Its config: the cluster's, with this node's SDC, mount path, records and socket.
+    pub config_path: PathBuf,
+    /// Its Docker plugin socket, to tell whether something else already serves it.
+    pub plugin_socket: PathBuf,
 }
 
 /// What the agent remembers between restarts: which port each of its SDSs uses.
@@ -72,6 +83,8 @@ pub struct Agent {
     mdm_wait: Option<String>,
     /// The last disk inventory and when it was taken.
     disks: Option<(std::time::Instant, Vec<tessera_core::deploy::Disk>)>,
+    /// Another process serves the plugin socket (logged once).
+    volumes_socket_busy: bool,
     reported_once: bool,
 }
 
@@ -84,7 +97,15 @@ pub enum Exit {
 
 impl Agent {
     pub fn new(cfg: AgentConfig, control: ControlClient) -> Agent {
-        Agent { cfg, control, logged_problems: Vec::new(), mdm_wait: None, disks: None, reported_once: false }
+        Agent {
+            cfg,
+            control,
+            logged_problems: Vec::new(),
+            mdm_wait: None,
+            disks: None,
+            volumes_socket_busy: false,
+            reported_once: false,
+        }
     }
 
     pub async fn run(mut self) -> anyhow::Result<Exit> {
@@ -170,7 +191,7 @@ impl Agent {
             state = self.control.state().await?.state;
             self.disks = None; // what we did (formatting, clearing) shows on the next probe
         }
-        self.ensure_daemons(&state)?;
+        self.ensure_daemons(&state, &layout)?;
         if let Err(e) = self.reconcile_mdm(&state, &layout).await {
             if self.mdm_wait.as_deref() != Some(e.as_str()) {
                 tracing::warn!("MDM placement: {e}");
@@ -430,7 +451,7 @@ impl Agent {
 
     /// One SDS process per SDS of this node in the cluster, an SDC if asked; processes of
     /// SDSs that left the cluster are stopped.
-    fn ensure_daemons(&self, state: &ClusterState) -> anyhow::Result<()> {
+    fn ensure_daemons(&mut self, state: &ClusterState, layout: &Layout) -> anyhow::Result<()> {
         let dir = &self.cfg.dir;
         let mut wanted = Vec::new();
         for sds in state.sdss.values() {
@@ -461,6 +482,41 @@ impl Agent {
             tracing::info!(pid, "started SDC {}", self.cfg.name);
         }
         self.stop_daemons(|role| role.starts_with("sds-") && !wanted.iter().any(|w| w == role));
+        if self.cfg.run_sdc {
+            self.ensure_volume_service(layout)?;
+        }
+        Ok(())
+    }
+
+    /// The volume service, creating volumes in the pool the node consumes (its first
+    /// `*-sdc-<domain>` pool, as REX-Ray served one pool); restarted when that changes.
+    fn ensure_volume_service(&mut self, layout: &Layout) -> anyhow::Result<()> {
+        let Some(setup) = self.cfg.volumes.clone() else { return Ok(()) };
+        let pool = layout.nodes.get(&self.cfg.name).and_then(|p| p.consumes.first()).map(|c| c.pool.clone());
+        let pid_file = self.cfg.dir.join("volumes.pid");
+        if let Some(pid) = live_daemon_pid(&pid_file) {
+            if daemon_arg(pid, "--default-pool") == pool {
+                return Ok(());
+            }
+            tracing::info!(pid, "restarting the volume service: default pool now {pool:?}");
+            stop_pid(pid);
+        } else if std::os::unix::net::UnixStream::connect(&setup.plugin_socket).is_ok() {
+            if !self.volumes_socket_busy {
+                tracing::warn!(
+                    "another volume service serves {}; not starting this node's (--plugin-socket names another)",
+                    setup.plugin_socket.display()
+                );
+                self.volumes_socket_busy = true;
+            }
+            return Ok(());
+        }
+        let mut args = vec!["daemon".to_string(), "volumes".into()];
+        if let Some(p) = &pool {
+            args.extend(["--default-pool".to_string(), p.clone()]);
+        }
+        let _ = std::fs::remove_file(&setup.plugin_socket);
+        let pid = spawn_daemon(&self.cfg.exe, &self.cfg.dir, "volumes", &setup.config_path, &args)?;
+        tracing::info!(pid, "started the volume service on {}", setup.plugin_socket.display());
         Ok(())
     }
 
@@ -480,6 +536,13 @@ impl Agent {
             let _ = std::fs::remove_file(&path);
         }
     }
+}
+
+/// The value after `flag` on a running process's command line.
+fn daemon_arg(pid: i32, flag: &str) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
+    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1).cloned())
 }
 
 /// True when the cluster already holds this report (the removal mark and the MDM id are the

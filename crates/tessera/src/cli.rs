@@ -155,7 +155,17 @@ pub struct AgentArgs {
     /// Port of this node's MDM, when the MDM placement puts one here.
     #[arg(long, default_value_t = 7730)]
     pub mdm_port: u16,
-    /// Do not run an SDC on this node.
+    /// Do not run the volume service (Docker volume plugin, dvdcli) on this node.
+    #[arg(long)]
+    pub no_volumes: bool,
+    /// The volume service's Docker plugin socket (its file name is the driver name).
+    #[arg(long, default_value = tessera_volumes::config::DEFAULT_PLUGIN_SOCKET)]
+    pub plugin_socket: PathBuf,
+    /// Where the volume service mounts volumes and keeps its records (`DIR/volumes`,
+    /// `DIR/state`). Default: /var/lib/tessera/volumes and /var/lib/tessera/volume-service.
+    #[arg(long)]
+    pub volumes_dir: Option<PathBuf>,
+    /// Do not run an SDC on this node (nor, then, the volume service).
     #[arg(long)]
     pub no_sdc: bool,
     /// Re-read attributes and check the plan this often.
@@ -239,7 +249,12 @@ pub enum DaemonCmd {
         rebuild_mib_per_sec: u64,
     },
     /// The volume service of this node: the Docker volume plugin (settings: `[volumes]`).
-    Volumes,
+    Volumes {
+        /// Pool for volumes created without `volumetype`, overriding `[volumes.create]`
+        /// (the agent passes the pool its node consumes).
+        #[arg(long)]
+        default_pool: Option<String>,
+    },
     Sdc {
         #[arg(long)]
         name: String,

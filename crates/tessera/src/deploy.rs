@@ -101,6 +101,8 @@ pub async fn agent(cfg: &ClientConfig, config_path: &Path, args: AgentArgs) -> a
         bail!("an agent already runs in {} (pid {pid})", dir.display());
     }
     std::fs::write(dir.join("agent.pid"), format!("{}\n", std::process::id()))?;
+    let volumes =
+        if args.no_volumes || args.no_sdc { None } else { Some(volume_service_setup(cfg, &dir, &name, &args)?) };
     let attribute_sources: Vec<PathBuf> = if args.attributes_dirs.is_empty() {
         DEFAULT_ATTRIBUTE_DIRS.iter().map(PathBuf::from).collect()
     } else {
@@ -119,6 +121,7 @@ pub async fn agent(cfg: &ClientConfig, config_path: &Path, args: AgentArgs) -> a
         config_path,
         sds_base_port: args.sds_base_port,
         run_sdc: !args.no_sdc,
+        volumes,
         mdm_port: args.mdm_port,
         secret: cfg.secret()?,
         interval: Duration::from_millis(args.interval_ms.max(100)),
@@ -137,6 +140,40 @@ pub async fn agent(cfg: &ClientConfig, config_path: &Path, args: AgentArgs) -> a
     }
     let _ = std::fs::remove_file(dir.join("agent.pid"));
     Ok(())
+}
+
+/// Writes the node's volume service config (`DIR/node.toml`, mode 0600): the cluster's
+/// connection and `[volumes]` settings (preempt, root path, create defaults), with this
+/// node's SDC, socket, mount path and records — never another service's.
+fn volume_service_setup(
+    cfg: &ClientConfig,
+    dir: &Path,
+    name: &str,
+    args: &AgentArgs,
+) -> anyhow::Result<tessera_agent::agent::VolumeServiceSetup> {
+    let mut volumes = cfg.volumes.clone().unwrap_or_default();
+    let defaults = tessera_volumes::config::VolumeServiceConfig::default();
+    (volumes.mount_path, volumes.state_dir) = match &args.volumes_dir {
+        Some(d) => (absolute(d)?.join("volumes"), absolute(d)?.join("state")),
+        None => (defaults.mount_path, defaults.state_dir),
+    };
+    volumes.plugin_socket = absolute(&args.plugin_socket)?;
+    volumes.sdc = Some(name.to_string());
+    volumes.validate().map_err(|e| anyhow!("volume service settings: {e}"))?;
+    if let Some(parent) = volumes.plugin_socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let node_cfg = ClientConfig {
+        cluster_id: cfg.cluster_id.clone(),
+        secret: cfg.secret.clone(),
+        mdm: cfg.mdm.clone(),
+        sdc: Some(name.to_string()),
+        local: None,
+        volumes: Some(volumes.clone()),
+    };
+    let config_path = dir.join("node.toml");
+    node_cfg.save(&config_path)?;
+    Ok(tessera_agent::agent::VolumeServiceSetup { config_path, plugin_socket: volumes.plugin_socket })
 }
 
 async fn sigterm() {

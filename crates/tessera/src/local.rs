@@ -323,7 +323,11 @@ where
 /// released while the SDC still serves them (a FUSE file whose SDC is gone would hang its
 /// readers), then every daemon.
 pub async fn stop(dir: &Path) -> anyhow::Result<usize> {
-    if let Ok(cfg) = ClientConfig::load(&config_path(dir)) {
+    // A local cluster's config, or an agent's node config (`tessera agent` with a volume
+    // service); the agent is stopped first so it does not restart what this releases.
+    let _ = stop_agent(dir);
+    for path in [config_path(dir), dir.join("node.toml")] {
+        let Ok(cfg) = ClientConfig::load(&path) else { continue };
         if cfg.volumes.is_some() {
             match crate::volumes::service(&cfg) {
                 Ok(svc) => {
@@ -336,6 +340,15 @@ pub async fn stop(dir: &Path) -> anyhow::Result<usize> {
         }
     }
     down(dir)
+}
+
+/// Stops the agent whose state is in `dir`, if one runs there.
+fn stop_agent(dir: &Path) -> Option<()> {
+    let pid_file = dir.join("agent.pid");
+    let pid = live_daemon_pid(&pid_file)?;
+    process::stop_pid(pid);
+    let _ = std::fs::remove_file(pid_file);
+    Some(())
 }
 
 /// Stops every daemon of the local cluster in `dir`: SDC first, then SDSs, then the MDM.

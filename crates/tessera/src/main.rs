@@ -70,7 +70,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .await
                 }
-                DaemonCmd::Volumes => volumes::run_daemon(&cfg).await,
+                DaemonCmd::Volumes { default_pool } => {
+                    let mut cfg = cfg;
+                    if let Some(pool) = default_pool {
+                        cfg.volumes.get_or_insert_with(Default::default).create.pool = Some(pool);
+                    }
+                    volumes::run_daemon(&cfg).await
+                }
                 DaemonCmd::Sdc { name, socket, nbd_tcp } => {
                     tessera_sdc::run_sdc(tessera_sdc::SdcConfig {
                         name,

@@ -76,6 +76,11 @@ fn agent_command(c: &Cluster, dir: &Path, name: &str, ip: u8, disks: &[&str], ex
     cmd.arg("--dir").arg(dir.join("state")).arg("--attributes-dir").arg(&attr_dir);
     cmd.args(["--disk-candidates", &disks.join(","), "--min-disk-size", "256MiB", "--interval-ms", "500"]);
     cmd.args(["--sds-base-port", &c.spare_port(0).to_string(), "--detach"]);
+    // Agents sharing this machine would all want /run/docker/plugins/tessera.sock: only those
+    // given their own socket run a volume service.
+    if !extra.contains(&"--plugin-socket") {
+        cmd.arg("--no-volumes");
+    }
     cmd.args(extra);
     cmd
 }
@@ -641,4 +646,92 @@ fn personas_move_the_mdm_cluster_onto_their_nodes() {
     }
     poll("m2 to lead", POLL_TIMEOUT, || (c.json(&["mdm", "ls"])["leader_id"].as_u64() == Some(ids[1])).then_some(()));
     c.create_volume("after-failover", "16MiB");
+}
+
+#[test]
+fn sdc_keys_choose_the_pool_of_the_nodes_volume_service() {
+    let disks: Vec<LoopDevice> = (0..4).map(|_| LoopDevice::with(GIB, &[])).collect();
+    let c = Cluster::start(0);
+    let agents = Agents::new();
+    let vdir = fresh_dir("v2-volumes");
+    let socket_dir = vdir.join("plugins");
+    let socket = socket_dir.join("tessera.sock");
+    let mut v2_dir = PathBuf::new();
+    for (i, name) in ["v1", "v2"].iter().enumerate() {
+        let (a, b) = (disks[2 * i].device.as_str(), disks[2 * i + 1].device.as_str());
+        let mut attrs = vec![
+            ("tessera-sds-domains", "pd1"),
+            ("tessera-sds-pd1", "p1,p2"),
+            ("tessera-sds-p1", a),
+            ("tessera-sds-p2", b),
+        ];
+        let mut extra: Vec<&str> = Vec::new();
+        let (socket_arg, vdir_arg) = (socket.display().to_string(), vdir.display().to_string());
+        if *name == "v2" {
+            attrs.extend([("scaleio-sdc-domains", "pd1"), ("scaleio-sdc-pd1", "p2")]);
+            extra.extend(["--plugin-socket", &socket_arg, "--volumes-dir", &vdir_arg]);
+        }
+        let dir = agents.start(&c, name, 71 + i as u8, &attrs, &[a, b], &extra);
+        if *name == "v2" {
+            v2_dir = dir;
+        }
+    }
+    wait_for_devices(
+        &c,
+        &want(&[
+            ("v1", "pd1", "p1", &disks[0].device),
+            ("v1", "pd1", "p2", &disks[1].device),
+            ("v2", "pd1", "p1", &disks[2].device),
+            ("v2", "pd1", "p2", &disks[3].device),
+        ]),
+    );
+    let dvdcli = |args: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("dvdcli")
+            .args(args)
+            .env("TESSERA_PLUGIN_SOCKET_DIRS", &socket_dir)
+            .env("TESSERA_PLUGIN_SPEC_DIRS", &socket_dir);
+        run(&mut cmd, UP_TIMEOUT)
+    };
+    let pool_of = |volume: &str| {
+        let vols = c.json(&["volume", "ls"]);
+        let v = vols.as_array().unwrap().iter().find(|v| v["name"] == volume).cloned().unwrap_or_default();
+        let pools = c.json(&["pool", "ls"]);
+        let pool = pools.as_array().unwrap().iter().find(|p| p["id"] == v["pool_id"]).cloned().unwrap_or_default();
+        pool["name"].as_str().map(String::from).unwrap_or_else(|| format!("{v} in {pools}"))
+    };
+    poll("v2's volume service", POLL_TIMEOUT, || std::os::unix::net::UnixStream::connect(&socket).ok());
+    // The node consumes pd1/p2: a volume created without a type lands there.
+    let out = dvdcli(&["mount", "--volumedriver=tessera", "--volumename=dv", "--volumeopts=size=1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mount = text(&out.stdout).trim().to_string();
+    std::fs::write(Path::new(&mount).join("hello"), "from v2").unwrap();
+    assert_eq!(pool_of("dv"), "p2");
+    let out = dvdcli(&["unmount", "--volumedriver=tessera", "--volumename=dv"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // The node now consumes p1: the service restarts with that pool.
+    std::fs::write(v2_dir.join("attributes/scaleio-sdc-pd1"), "p1\n").unwrap();
+    poll("the volume service to switch to p1", POLL_TIMEOUT, || {
+        let pid = std::fs::read_to_string(v2_dir.join("state/volumes.pid")).ok()?;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).ok()?;
+        String::from_utf8_lossy(&cmdline).contains("--default-pool\0p1").then_some(())
+    });
+    poll("the restarted volume service", POLL_TIMEOUT, || std::os::unix::net::UnixStream::connect(&socket).ok());
+    let out = dvdcli(&["mount", "--volumedriver=tessera", "--volumename=dv2", "--volumeopts=size=1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(pool_of("dv2"), "p1");
+    let out = dvdcli(&["unmount", "--volumedriver=tessera", "--volumename=dv2"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // dv kept its data across the restart.
+    let out = dvdcli(&["mount", "--volumedriver=tessera", "--volumename=dv"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mount = text(&out.stdout).trim().to_string();
+    assert_eq!(std::fs::read_to_string(Path::new(&mount).join("hello")).unwrap(), "from v2");
+    // `tessera down` on the agent's directory releases what the node's service mounted.
+    let out = run(Command::new(BIN).arg("down").arg("--dir").arg(v2_dir.join("state")), CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(vdir.to_str().unwrap()), "still mounted after down: {mounts}");
+    drop(agents);
+    let _ = std::fs::remove_dir_all(&vdir);
 }
