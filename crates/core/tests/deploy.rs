@@ -444,6 +444,12 @@ fn personas_pin_mdm_roles() {
     assert_eq!(mdm.managers, ["n2", "n3"], "primary first");
     assert_eq!(mdm.tiebreakers, ["n1"]);
     assert_eq!(layout.nodes["n2"].persona, Some(Persona::Primary));
+    assert!(mdm.complete);
+    // A node in error holds the placement back rather than moving votes over a typo.
+    report(&mut s, node("n5", 5, &[("scaleio-persona", "primery")], vec![]));
+    let layout = plan_layout(&s);
+    assert!(!layout.mdm.unwrap().complete);
+    assert!(layout.problems.iter().any(|p| p.to_string().contains("MDM placement waits until the attributes of n5")));
 }
 
 #[test]

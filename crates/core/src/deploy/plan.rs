@@ -219,6 +219,16 @@ pub fn plan_layout(state: &ClusterState) -> Layout {
     check_fault_sets(state, &mut layout);
     layout.mdm = plan_mdms(spec, &personas, &mut layout.problems);
     fill_mdm_slots(&mut layout, state);
+    // A node in error may be one that should hold an MDM (its persona unread): moving votes
+    // away from it over a typo would be worse than waiting.
+    if let Some(mdm) = layout.mdm.as_mut().filter(|m| m.complete && !layout.blocked_nodes.is_empty()) {
+        mdm.complete = false;
+        let blocked: Vec<&str> = layout.blocked_nodes.iter().map(String::as_str).collect();
+        layout.problems.push(Problem::cluster(format!(
+            "the MDM placement waits until the attributes of {} are valid",
+            blocked.join(", ")
+        )));
+    }
     layout
 }
 
