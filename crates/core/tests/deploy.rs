@@ -425,9 +425,10 @@ fn declarative_overlap_is_an_error_and_spec_validation() {
         r#"{"pool": [{"domain": "d", "name": "a"}, {"domain": "e", "name": "a"}]}"#,
         r#"{"pool": [{"domain": "d", "name": "a", "devices": {"min_size": "lots"}}]}"#,
         r#"{"pool": [{"domain": "d", "name": "a", "spare_percent": 100}]}"#,
+        &format!(r#"{{"pool": [{{"domain": "d", "name": "a", "devices": {{"paths": ["/{}"]}}}}]}}"#, "x".repeat(5000)),
     ] {
         let sp = toml_like(bad);
-        assert!(s.apply(&Command::SetDeploySpec { spec: Some(sp) }).is_err(), "{bad} accepted");
+        assert!(s.apply(&Command::SetDeploySpec { spec: Some(sp) }).is_err(), "{bad:.200} accepted");
     }
 }
 
@@ -621,4 +622,22 @@ fn random_nodes_never_panic_and_clean_plans_converge() {
         converge(&mut s);
     }
     assert!(clean > 10, "too few clean random layouts to mean anything: {clean}");
+}
+
+#[test]
+fn oversized_or_malformed_reports_are_refused() {
+    let mut s = ClusterState::default();
+    let big: Vec<(String, String)> = (0..100).map(|i| (format!("k{i}"), "v".repeat(1000))).collect();
+    let attrs: Vec<(&str, &str)> = big.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let err = s.apply(&Command::ReportNode { node: node("n1", 1, &attrs, vec![]) }).unwrap_err();
+    assert!(err.to_string().contains("at most 65536"), "{err}");
+    let mut bad_address = node("n1", 1, &[], vec![]);
+    bad_address.address = "not-an-ip".into();
+    assert!(s.apply(&Command::ReportNode { node: bad_address }).is_err());
+    assert!(s.apply(&Command::ReportNode { node: node("n.1", 1, &[], vec![]) }).is_err(), "dots are for SDS names");
+    let mut twin = node("n2", 2, &[], vec![]);
+    s.apply(&Command::ReportNode { node: twin.clone() }).unwrap();
+    twin.name = "n3".into();
+    assert!(s.apply(&Command::ReportNode { node: twin }).is_err(), "two nodes on one address");
+    assert_eq!(s.nodes.len(), 1);
 }

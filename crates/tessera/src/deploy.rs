@@ -378,7 +378,14 @@ pub async fn node(cfg: &ClientConfig, cmd: NodeCmd, as_json: bool) -> anyhow::Re
     }
 }
 
+/// A spec larger than this is refused: it is replicated into the cluster state.
+const MAX_SPEC_BYTES: u64 = 256 * 1024;
+
 fn read_spec(path: &Path) -> anyhow::Result<DeploySpec> {
+    let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    if len > MAX_SPEC_BYTES {
+        bail!("{}: {len} bytes; a deploy spec is at most {MAX_SPEC_BYTES}", path.display());
+    }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let spec: DeploySpec = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     spec.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;

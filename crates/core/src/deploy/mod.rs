@@ -31,6 +31,9 @@ pub const MAX_NODE_ATTRIBUTES: usize = 256;
 pub const MAX_NODE_DISKS: usize = 512;
 pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
 pub const MAX_ATTRIBUTE_NAME_BYTES: usize = 128;
+/// At most this many bytes of names, values, paths and reasons per report: every report is
+/// replicated and the state machine is persisted whole, so a node may not bloat it.
+pub const MAX_NODE_REPORT_BYTES: usize = 64 * 1024;
 /// MDMs placed on nodes get ids from here up; `tessera up` and hand-started MDMs use small ids.
 pub const FIRST_NODE_MDM_ID: u64 = 101;
 
@@ -141,6 +144,25 @@ impl Node {
         }
         if self.errors.len() > MAX_NODE_ATTRIBUTES || self.errors.iter().any(|e| e.len() > MAX_ATTRIBUTE_VALUE_BYTES) {
             return Err(CoreError::Invalid(format!("node {}: too many or too long errors", self.name)));
+        }
+        let text_bytes: usize = self.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + self.errors.iter().map(String::len).sum::<usize>()
+            + self
+                .disks
+                .iter()
+                .map(|d| {
+                    d.path.len()
+                        + match &d.usage {
+                            DiskUsage::InUse { reason } | DiskUsage::Missing { reason } => reason.len(),
+                            _ => 0,
+                        }
+                })
+                .sum::<usize>();
+        if text_bytes > MAX_NODE_REPORT_BYTES {
+            return Err(CoreError::Invalid(format!(
+                "node {}: the report holds {text_bytes} bytes of attributes, errors and disks; at most {MAX_NODE_REPORT_BYTES}",
+                self.name
+            )));
         }
         if self.address.parse::<std::net::IpAddr>().is_err() {
             return Err(CoreError::Invalid(format!(

@@ -84,6 +84,11 @@ pub struct DeviceSelector {
 }
 
 pub const MDM_MODES: [&str; 3] = ["1_node", "3_node", "5_node"];
+/// Bounds on a spec, which is replicated into the cluster state: ScaleIO's pools per system,
+/// and generous room for selectors.
+pub const MAX_SPEC_POOLS: usize = 1024;
+pub const MAX_SPEC_SELECTOR_VALUES: usize = 256;
+pub const MAX_SPEC_TEXT_BYTES: usize = 1024;
 
 impl DeploySpec {
     /// Refuses what the planner cannot act on: bad names, repeated pools, a pool in two
@@ -98,6 +103,25 @@ impl DeploySpec {
         if let Some(k) = &self.fault_set_key {
             if k.trim().is_empty() {
                 return bad("fault_set_key is empty".into());
+            }
+        }
+        if self.pools.len() > MAX_SPEC_POOLS {
+            return bad(format!("names {} pools; at most {MAX_SPEC_POOLS}", self.pools.len()));
+        }
+        let too_long = |t: &str| t.len() > MAX_SPEC_TEXT_BYTES;
+        if self.fault_set_key.as_deref().is_some_and(too_long) {
+            return bad("fault_set_key is too long".into());
+        }
+        for p in &self.pools {
+            let values = p.nodes.iter().map(|(k, v)| 1 + v.values().len() + usize::from(too_long(k))).sum::<usize>();
+            let long_value = p.nodes.values().any(|v| v.values().into_iter().any(too_long))
+                || p.devices.paths.iter().any(|g| too_long(g))
+                || [&p.devices.min_size, &p.devices.max_size].into_iter().flatten().any(|x| too_long(x));
+            if values > MAX_SPEC_SELECTOR_VALUES || p.devices.paths.len() > MAX_SPEC_SELECTOR_VALUES || long_value {
+                return bad(format!(
+                    "pool {}: selectors are limited to {MAX_SPEC_SELECTOR_VALUES} labels and values of {MAX_SPEC_TEXT_BYTES} bytes",
+                    p.name
+                ));
             }
         }
         if self.pools.is_empty() {
