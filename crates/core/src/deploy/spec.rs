@@ -53,7 +53,7 @@ pub struct PoolSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a label value: a string or a list of strings")]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
