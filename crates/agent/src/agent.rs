@@ -462,9 +462,14 @@ impl Agent {
             let role = format!("sds-{domain}");
             wanted.push(role.clone());
             if live_daemon_pid(&dir.join(format!("{role}.pid"))).is_none() {
-                let args = ["daemon", "sds", "--name", &sds.name, "--listen", &sds.data_address].map(String::from);
+                // On the node's address as it is now (the SDS tells the MDM if it moved), on
+                // the port the cluster knows.
+                let port =
+                    sds.data_address.parse::<std::net::SocketAddr>().map_or(self.cfg.sds_base_port, |a| a.port());
+                let listen = std::net::SocketAddr::new(self.cfg.address, port).to_string();
+                let args = ["daemon", "sds", "--name", &sds.name, "--listen", &listen].map(String::from);
                 let pid = spawn_daemon(&self.cfg.exe, dir, &role, &self.cfg.config_path, &args)?;
-                tracing::info!(pid, "started SDS {} on {}", sds.name, sds.data_address);
+                tracing::info!(pid, "started SDS {} on {listen}", sds.name);
             }
         }
         if self.cfg.run_sdc && live_daemon_pid(&dir.join("sdc.pid")).is_none() {
