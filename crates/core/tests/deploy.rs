@@ -470,6 +470,12 @@ fn attribute_changes_and_node_removal_drain_then_forget() {
         changes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
         ["- device n1:/dev/xvdg from pool p (drain first)"]
     );
+    // A device being drained that the attributes want again leaves, then comes back.
+    s.apply(&Command::DrainDevice { sds: "n2.pd".into(), path: "/dev/xvdg".into() }).unwrap();
+    let text: Vec<String> = diff(&s, &plan_layout(&s)).iter().map(|c| c.to_string()).collect();
+    assert_eq!(text, ["~ device n2:/dev/xvdg pool p -> p (drain, remove, re-add)"]);
+    converge(&mut s);
+    assert_eq!(devices(&s).len(), 5);
     s.apply(&Command::RemoveNode { name: "n3".into() }).unwrap();
     // The agent's next report keeps the node marked for removal.
     report(&mut s, node("n3", 3, &attrs("/dev/xvdf,/dev/xvdg"), two.clone()));

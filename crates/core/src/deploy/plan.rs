@@ -620,10 +620,8 @@ pub fn diff(state: &ClusterState, layout: &Layout) -> Vec<Change> {
                     current.as_ref().is_some_and(|(d, _)| state.sdss.get(&d.sds_id).is_some_and(|s| s.name == sds));
                 match current {
                     Some((d, from)) if from == *pool && same_sds && d.state != DeviceState::Draining => {}
-                    Some((_, from)) if from == *pool && same_sds => {
-                        // Draining but wanted again: nothing to add; the drain runs its course
-                        // and the device is re-added afterwards.
-                    }
+                    // Elsewhere, or draining but wanted again (there is no undoing a drain):
+                    // it leaves once empty and comes back as a new device.
                     Some((d, from)) => {
                         changes.insert(Change::MoveDevice {
                             node: node.clone(),
