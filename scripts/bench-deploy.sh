@@ -63,10 +63,13 @@ wait_until() {
 }
 export PATH="$target/release:$PATH"
 
+# Attaches a fresh 1 GiB loop device; sets $loop (not echoed: a command substitution would
+# run in a subshell and lose the record teardown needs).
 new_loop() {
   local img="$work/disk$1.img"
   truncate -s 1G "$img"
-  local l; l=$(losetup -f --show "$img"); loops+=("$l"); echo "$l"
+  loop=$(losetup -f --show "$img")
+  loops+=("$loop")
 }
 
 # --- baseline: the same layout by hand -----------------------------------------------------
@@ -77,7 +80,7 @@ export TESSERA_CONFIG="$base/tessera.toml"
 "$bin" pool create default --pd default >/dev/null
 start=$(now)
 for n in $(seq 1 "$agents"); do
-  l=$(new_loop "m$n")
+  new_loop "m$n"; l=$loop
   addr="127.0.1.$n:$((port + 20))"
   "$bin" sds add "m$n" --pd default --address "$addr" >/dev/null
   "$bin" device add --sds "m$n" --pool default --path "$l" >/dev/null
@@ -94,7 +97,7 @@ c="$work/c"; dirs+=("$c")
 export TESSERA_CONFIG="$c/tessera.toml"
 start=$(now)
 for n in $(seq 1 "$agents"); do
-  l=$(new_loop "a$n"); d="$work/n$n"; dirs+=("$d"); mkdir -p "$d/attributes"
+  new_loop "a$n"; l=$loop; d="$work/n$n"; dirs+=("$d"); mkdir -p "$d/attributes"
   "$bin" agent --dir "$d" --name "n$n" --address "127.0.2.$n" --attributes-dir "$d/attributes" \
     --disk-candidates "$l" --sds-base-port "$((port + 60))" --no-sdc --detach >/dev/null &
 done
@@ -107,7 +110,7 @@ uri=$("$bin" volume map bench)
 head -c "$((volume_mib << 20))" /dev/urandom >"$work/data"
 nbdcopy "$work/data" "$uri"
 
-n=$((agents + 1)); l=$(new_loop "a$n"); d="$work/n$n"; dirs+=("$d"); mkdir -p "$d/attributes"
+n=$((agents + 1)); new_loop "a$n"; l=$loop; d="$work/n$n"; dirs+=("$d"); mkdir -p "$d/attributes"
 start=$(now)
 "$bin" agent --dir "$d" --name "n$n" --address "127.0.2.$n" --attributes-dir "$d/attributes" \
   --disk-candidates "$l" --sds-base-port "$((port + 60))" --no-sdc --detach >/dev/null
