@@ -173,6 +173,7 @@ fn global_pool_takes_only_blank_disks_adopts_a_later_node_and_removes_one() {
     impl Drop for Unmount {
         fn drop(&mut self) {
             let _ = Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
         }
     }
     let _unmount = Unmount(mount_point.clone());
@@ -651,9 +652,17 @@ fn personas_move_the_mdm_cluster_onto_their_nodes() {
 #[test]
 fn sdc_keys_choose_the_pool_of_the_nodes_volume_service() {
     let disks: Vec<LoopDevice> = (0..4).map(|_| LoopDevice::with(GIB, &[])).collect();
+    /// Removes the volume service's directory last (after the agents released its mounts).
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let vdir = fresh_dir("v2-volumes");
+    let _remove_vdir = RemoveDir(vdir.clone());
     let c = Cluster::start(0);
     let agents = Agents::new();
-    let vdir = fresh_dir("v2-volumes");
     let socket_dir = vdir.join("plugins");
     let socket = socket_dir.join("tessera.sock");
     let mut v2_dir = PathBuf::new();
@@ -732,6 +741,4 @@ fn sdc_keys_choose_the_pool_of_the_nodes_volume_service() {
     assert!(out.status.success(), "{}", describe(&out));
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(vdir.to_str().unwrap()), "still mounted after down: {mounts}");
-    drop(agents);
-    let _ = std::fs::remove_dir_all(&vdir);
 }
