@@ -3,12 +3,15 @@
 //! service behind the plugin is an in-memory fake (`FakeApi`): the service is not under test
 //! here, the command and the protocol are.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::TempDir;
 use serde_json::json;
 use tessera_volumes::api::{ApiError, Opts, VolumeApi, VolumeInfo};
 use tessera_volumes::dvdcli::{self, parse_args, Config, Discovery, Output, Verb};
@@ -118,25 +121,6 @@ impl VolumeApi for FakeApi {
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("tsd-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A sandbox standing in for Docker's plugin directories: `run/` (sockets), then `etc/` and
 /// `usr/` (spec files), in that search order.

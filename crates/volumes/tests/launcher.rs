@@ -9,13 +9,15 @@
 //! `tessera` binary does (environment from the process, plugins found through
 //! `TESSERA_PLUGIN_SOCKET_DIRS`) and exits with its code.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::TempDir;
 use tessera_volumes::api::{ApiError, Opts, VolumeApi, VolumeInfo};
 use tessera_volumes::dvdcli::{Config, Discovery, DvdcliError, SOCKET_DIRS_ENV, SPEC_DIRS_ENV};
 use tessera_volumes::http::Limits;
@@ -159,25 +161,6 @@ impl VolumeApi for FakeApi {
 // ---------------------------------------------------------------------------------------------
 // Harness
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(base: &Path, tag: &str) -> TempDir {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = base.join(format!("tsl-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A directory for plugin sockets (`run/`) and mount paths (`mnt/<driver>/`), with a plugin
 /// per driver.
 struct Sandbox {
@@ -194,7 +177,7 @@ impl Drop for Sandbox {
 
 impl Sandbox {
     fn new() -> Sandbox {
-        let dir = TempDir::new(&std::env::temp_dir(), "launcher");
+        let dir = TempDir::new("launcher");
         let config = Config {
             discovery: Discovery { socket_dirs: vec![dir.0.join("run")], spec_dirs: vec![dir.0.join("specs")] },
             retry_for: Duration::from_secs(2),
@@ -606,7 +589,7 @@ async fn launcher_binds_container_paths_in_a_private_mount_namespace() {
     std::fs::write(api.mount_dir("data").join("seed"), "seed").unwrap();
     // One container path under /tmp, created by the launcher; one elsewhere, existing.
     let created = sandbox.path("container/logs");
-    let existing = TempDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "ctr");
+    let existing = TempDir::under(Path::new(env!("CARGO_TARGET_TMPDIR")), "ctr");
     std::fs::write(existing.0.join("hidden"), "the image's file").unwrap();
     let existing_str = existing.0.to_str().unwrap().to_string();
     let env = env(&[

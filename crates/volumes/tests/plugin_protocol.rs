@@ -3,13 +3,15 @@
 //! volume service behind it is an in-memory fake (`FakeApi`): the service is not under test
 //! here, the protocol is.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::TempDir;
 use serde_json::{json, Value};
 use tessera_volumes::api::{ApiError, Opts, VolumeApi, VolumeInfo};
 use tessera_volumes::http::{Limits, MAX_BODY_BYTES, MAX_HEADER_BYTES};
@@ -151,25 +153,6 @@ impl VolumeApi for FakeApi {
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("tsv-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Server {
     _dir: TempDir,
