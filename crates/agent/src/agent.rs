@@ -27,6 +27,9 @@ use crate::disks::{discover, DiscoveryOptions};
 use crate::mdm::{next_step, planned_nodes, MdmStep};
 use crate::process::{live_daemon_pid, spawn_daemon, stop_pid};
 
+/// How long clearing an old superblock (4 KiB write and fsync) may take.
+const WIPE_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub name: String,
@@ -338,7 +341,10 @@ impl Agent {
                         return Err(anyhow!("{path} is still device {device_id} in the cluster; waiting"));
                     }
                     let p = PathBuf::from(path);
-                    tokio::task::spawn_blocking(move || wipe_superblock(&p)).await??;
+                    // A dead disk can hang the write: the agent gives up and tries next tick.
+                    tokio::time::timeout(WIPE_TIMEOUT, tokio::task::spawn_blocking(move || wipe_superblock(&p)))
+                        .await
+                        .map_err(|_| anyhow!("clearing {path} did not finish within {WIPE_TIMEOUT:?}"))???;
                     tracing::info!("cleared the old Tessera superblock of {path} (device {device_id}, removed)");
                 }
                 self.execute_idempotent(Command::AddDevice { sds: sds.clone(), pool: pool.clone(), path: path.clone() })

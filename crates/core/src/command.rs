@@ -651,7 +651,13 @@ impl ClusterState {
                     .max()
                     .unwrap_or(0)
                     .max(crate::deploy::FIRST_NODE_MDM_ID - 1);
-                let id = highest + 1;
+                // Ids are only ever taken by hand (`--id`) besides these: one at the top of
+                // the range would leave none above it.
+                let id = highest.checked_add(1).ok_or_else(|| {
+                    CoreError::Invalid(
+                        "no MDM id is left above the highest one used; remove the MDM with the highest id".into(),
+                    )
+                })?;
                 if let Some(n) = self.nodes.get_mut(node) {
                     n.mdm_id = Some(id);
                 }

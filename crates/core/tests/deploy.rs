@@ -646,4 +646,8 @@ fn oversized_or_malformed_reports_are_refused() {
     twin.name = "n3".into();
     assert!(s.apply(&Command::ReportNode { node: twin }).is_err(), "two nodes on one address");
     assert_eq!(s.nodes.len(), 1);
+    // An MDM id at the top of the range (taken by hand, then retired) leaves none above it.
+    s.apply(&Command::RetireMdmId { id: u64::MAX }).unwrap();
+    assert!(s.apply(&Command::AssignMdmId { node: "n2".into() }).is_err());
+    assert_eq!(s.nodes["n2"].mdm_id, None);
 }

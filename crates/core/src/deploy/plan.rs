@@ -44,13 +44,13 @@ pub struct NodePlan {
     pub sds: BTreeMap<String, SdsPlan>,
     /// Pools the node consumes (its `*-sdc-*` attributes); empty means any.
     pub consumes: Vec<PoolRef>,
+    /// The fault set of every SDS the node runs (one per node, whatever the domain).
     pub fault_set: Option<String>,
     pub persona: Option<Persona>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SdsPlan {
-    pub fault_set: Option<String>,
     /// Device path → pool.
     pub devices: BTreeMap<String, String>,
 }
@@ -141,7 +141,6 @@ pub fn plan_layout(state: &ClusterState) -> Layout {
             plan.method = Method::Imperative;
             for (domain, pools) in &imp.sds {
                 let sds = plan.sds.entry(domain.clone()).or_default();
-                sds.fault_set = fault_set.clone();
                 for (pool, paths) in pools {
                     note_pool(&mut layout, &mut node_problems, node, domain, pool, None);
                     for path in paths {
@@ -169,7 +168,6 @@ pub fn plan_layout(state: &ClusterState) -> Layout {
                         continue;
                     }
                     let sds = plan.sds.entry(pool.domain.clone()).or_default();
-                    sds.fault_set = fault_set.clone();
                     sds.devices.insert(disk.path.clone(), pool.name.clone());
                     note_pool(&mut layout, &mut node_problems, node, &pool.domain, &pool.name, pool.spare_percent);
                 }
@@ -178,7 +176,6 @@ pub fn plan_layout(state: &ClusterState) -> Layout {
             plan.method = Method::GlobalPool;
             for disk in node.disks.iter().filter(|d| eligible(state, node, &d.path)) {
                 let sds = plan.sds.entry(global.domain.clone()).or_default();
-                sds.fault_set = fault_set.clone();
                 sds.devices.insert(disk.path.clone(), global.pool.clone());
                 note_pool(&mut layout, &mut node_problems, node, &global.domain, &global.pool, None);
             }
@@ -339,9 +336,9 @@ fn check_fault_sets(state: &ClusterState, layout: &mut Layout) {
     let mut with: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
     let mut without: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (node, plan) in &layout.nodes {
-        for (domain, sds) in &plan.sds {
+        for domain in plan.sds.keys() {
             let name = sds_name(node, domain);
-            match &sds.fault_set {
+            match &plan.fault_set {
                 Some(fs) => with.entry(domain.clone()).or_default().entry(fs.clone()).or_default().push(name),
                 None => without.entry(domain.clone()).or_default().push(name),
             }
@@ -590,7 +587,7 @@ pub fn diff(state: &ClusterState, layout: &Layout) -> Vec<Change> {
             if state.pd_by_name(domain).is_none() {
                 creates.insert(Change::CreateDomain { domain: domain.clone() });
             }
-            if let Some(fs) = &sds_plan.fault_set {
+            if let Some(fs) = &plan.fault_set {
                 let exists = state.pd_by_name(domain).is_some_and(|pd| state.fault_set_by_name(pd.id, fs).is_some());
                 if !exists {
                     creates.insert(Change::CreateFaultSet { domain: domain.clone(), fault_set: fs.clone() });
@@ -602,7 +599,7 @@ pub fn diff(state: &ClusterState, layout: &Layout) -> Vec<Change> {
                     node: node.clone(),
                     sds: sds.clone(),
                     domain: domain.clone(),
-                    fault_set: sds_plan.fault_set.clone(),
+                    fault_set: plan.fault_set.clone(),
                 });
             }
             for (path, pool) in &sds_plan.devices {
