@@ -27,6 +27,10 @@ use crate::disks::{discover, DiscoveryOptions};
 use crate::mdm::{next_step, planned_nodes, MdmStep};
 use crate::process::{live_daemon_pid, spawn_daemon, stop_pid};
 
+/// How long reading the attribute files may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one disk inventory may take (probes run one after another, each bounded).
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long clearing an old superblock (4 KiB write and fsync) may take.
 const WIPE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -128,12 +132,22 @@ impl Agent {
     /// `disk_rescan` or after the agent changed something on them, since probing an unused
     /// disk reads it (`blkid -p` bypasses the cache).
     async fn observe(&mut self) -> anyhow::Result<Node> {
-        let attrs = read_attributes(&self.cfg.attribute_sources, &self.cfg.attribute_flags);
+        // Off the async worker and bounded: an attribute directory on a hung filesystem must
+        // not stall the agent.
+        let (sources, flags) = (self.cfg.attribute_sources.clone(), self.cfg.attribute_flags.clone());
+        let attrs =
+            tokio::time::timeout(READ_TIMEOUT, tokio::task::spawn_blocking(move || read_attributes(&sources, &flags)))
+                .await
+                .map_err(|_| anyhow!("reading the attribute files did not finish within {READ_TIMEOUT:?}"))??;
         let disks = match &self.disks {
             Some((at, disks)) if at.elapsed() < self.cfg.disk_rescan => disks.clone(),
             _ => {
+                // Each probe is bounded inside `discover`; this bounds the whole inventory.
                 let opts = self.cfg.discovery.clone();
-                let disks = tokio::task::spawn_blocking(move || discover(&opts)).await?;
+                let disks =
+                    tokio::time::timeout(DISCOVERY_TIMEOUT, tokio::task::spawn_blocking(move || discover(&opts)))
+                        .await
+                        .map_err(|_| anyhow!("disk discovery did not finish within {DISCOVERY_TIMEOUT:?}"))??;
                 self.disks = Some((std::time::Instant::now(), disks.clone()));
                 disks
             }
