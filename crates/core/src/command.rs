@@ -69,6 +69,17 @@ pub enum Command {
         sds: String,
         path: String,
     },
+    /// The device's SDS found it — by its superblock — at `path`, with the stable name
+    /// `stable_path` (`/dev/disk/by-id/...`, `None` when it has none). Sent when a device
+    /// moved (names change at boot, files get renamed) and to record the stable name.
+    /// If another device of the same SDS is recorded at `path` (two devices swapped), that
+    /// one takes over this device's old path: it is only a hint for the SDS, which opens a
+    /// device only after its superblock matched.
+    SetDevicePath {
+        device_id: u64,
+        path: String,
+        stable_path: Option<String>,
+    },
     CreateVolume {
         name: String,
         pool: String,
@@ -388,6 +399,7 @@ impl ClusterState {
                         path: path.clone(),
                         state: DeviceState::New,
                         capacity_bytes: 0,
+                        stable_path: None,
                     },
                 );
                 Ok(Applied { id })
@@ -428,6 +440,9 @@ impl ClusterState {
                 self.devices.remove(&d.id);
                 self.place_pool_if_empty(d.pool_id);
                 Ok(Applied { id: d.id })
+            }
+            Command::SetDevicePath { device_id, path, stable_path } => {
+                self.set_device_path(*device_id, path, stable_path.as_deref())
             }
             Command::CreateVolume { name, pool, size_bytes, thin, allow_multi_map } => {
                 validate_name(name)?;
@@ -694,6 +709,38 @@ impl ClusterState {
             )));
         }
         Ok(())
+    }
+
+    fn set_device_path(&mut self, device_id: u64, path: &str, stable_path: Option<&str>) -> CommandOutcome {
+        validate_device_path(path)?;
+        if let Some(stable) = stable_path {
+            validate_device_path(stable)?;
+        }
+        let d = self.devices.get(&device_id).ok_or_else(|| CoreError::not_found("device", &device_id.to_string()))?;
+        let (sds_id, old_path) = (d.sds_id, d.path.clone());
+        // Paths stay unique per SDS (`RemoveDevice` and `DrainDevice` name devices by path).
+        let holder = self.devices_of_sds(sds_id).find(|o| o.id != device_id && o.path == path).cloned();
+        if let Some(other) = &holder {
+            // A new device's path is what the administrator named: the SDS formats what it
+            // finds there. Never point it at a disk nobody named.
+            if other.state == DeviceState::New {
+                return Err(CoreError::in_use(
+                    "device path",
+                    path,
+                    format!("new device {} is recorded there; remove it first", other.id),
+                ));
+            }
+        }
+        if let Some(other) = holder {
+            if let Some(o) = self.devices.get_mut(&other.id) {
+                o.path = old_path;
+            }
+        }
+        if let Some(d) = self.devices.get_mut(&device_id) {
+            d.path = path.to_string();
+            d.stable_path = stable_path.map(str::to_string);
+        }
+        Ok(Applied { id: device_id })
     }
 
     /// (Re)computes a pool's placement while it holds no volumes. Once volumes exist PGs
@@ -1071,5 +1118,75 @@ mod tests {
         }
         assert_eq!(s, before, "a refused limit changes nothing");
         assert!(matches!(s.apply(&set_qos("nope", Some(100), None)), Err(CoreError::NotFound { .. })));
+    }
+
+    /// sds1 with two devices in service (/d/a, /d/b) and a new one (/d/c); sds2 with one at /d/a.
+    fn two_device_sds() -> (ClusterState, [u64; 4]) {
+        let mut s = three_sds_cluster();
+        let add = |s: &mut ClusterState, sds: &str, path: &str| {
+            ok(s, Command::AddDevice { sds: sds.into(), pool: "p1".into(), path: path.into() })
+        };
+        let a = add(&mut s, "sds1", "/d/a");
+        let b = add(&mut s, "sds1", "/d/b");
+        let c = add(&mut s, "sds1", "/d/c");
+        let other = add(&mut s, "sds2", "/d/a");
+        for d in [a, b, other] {
+            ok(&mut s, Command::DeviceReady { device_id: d, capacity_bytes: 10 * GIB });
+        }
+        (s, [a, b, c, other])
+    }
+
+    fn set_path(device_id: u64, path: &str, stable_path: Option<&str>) -> Command {
+        Command::SetDevicePath { device_id, path: path.into(), stable_path: stable_path.map(str::to_string) }
+    }
+
+    #[test]
+    fn set_device_path_moves_a_device_and_records_its_stable_path() {
+        let (mut s, [a, ..]) = two_device_sds();
+        ok(&mut s, set_path(a, "/d/moved", Some("/dev/disk/by-id/wwn-0x5000")));
+        assert_eq!(s.devices[&a].path, "/d/moved");
+        assert_eq!(s.devices[&a].stable_path.as_deref(), Some("/dev/disk/by-id/wwn-0x5000"));
+        assert_eq!(s.devices[&a].state, DeviceState::Normal, "a move changes nothing else");
+        // Same path, no stable name: clears it (a file has none).
+        ok(&mut s, set_path(a, "/d/moved", None));
+        assert_eq!(s.devices[&a].stable_path, None);
+    }
+
+    #[test]
+    fn set_device_path_swaps_two_devices_of_one_sds() {
+        let (mut s, [a, b, _, other]) = two_device_sds();
+        ok(&mut s, set_path(a, "/d/b", None));
+        assert_eq!((s.devices[&a].path.as_str(), s.devices[&b].path.as_str()), ("/d/b", "/d/a"));
+        // The other half of the swap, as the SDS reports it next: already true, no change.
+        let before = s.clone();
+        ok(&mut s, set_path(b, "/d/a", None));
+        assert_eq!(s, before);
+        // Another SDS's device at the same path is no conflict.
+        assert_eq!(s.devices[&other].path, "/d/a");
+    }
+
+    #[test]
+    fn set_device_path_refuses_bad_paths_unknown_devices_and_new_devices_paths() {
+        let (mut s, [a, _, c, _]) = two_device_sds();
+        let before = s.clone();
+        assert!(matches!(s.apply(&set_path(a, "relative", None)), Err(CoreError::Invalid(_))));
+        assert!(matches!(s.apply(&set_path(a, "/d/x", Some("/dev/../sda"))), Err(CoreError::Invalid(_))));
+        assert!(matches!(s.apply(&set_path(999, "/d/x", None)), Err(CoreError::NotFound { .. })));
+        // A new device's path is the administrator's choice: a moved device never takes it
+        // (the new device would then be formatted wherever the moved one was).
+        match s.apply(&set_path(a, "/d/c", None)) {
+            Err(CoreError::InUse { reason, .. }) => assert!(reason.contains(&format!("new device {c}")), "{reason}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(s, before, "a refused path change changes nothing");
+    }
+
+    #[test]
+    fn device_state_without_stable_path_is_read() {
+        // State written before stable paths existed.
+        let json = r#"{"id":7,"sds_id":2,"pool_id":1,"path":"/dev/sdb","state":"Normal","capacity_bytes":4096}"#;
+        let d: Device = serde_json::from_str(json).expect("old device JSON");
+        assert_eq!(d.stable_path, None);
+        assert_eq!(d.path, "/dev/sdb");
     }
 }

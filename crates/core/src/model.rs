@@ -144,10 +144,19 @@ pub struct Device {
     pub id: u64,
     pub sds_id: u64,
     pub pool_id: u64,
+    /// Where the SDS last found the device. Only a hint: the SDS opens a device only after
+    /// its superblock proved it is this one (cluster id, device id), because `/dev/sdX`
+    /// names move between boots. The SDS updates it (`Command::SetDevicePath`) when it finds
+    /// the device elsewhere.
     pub path: String,
     pub state: DeviceState,
     /// Data capacity as reported by the SDS when it formatted the device.
     pub capacity_bytes: u64,
+    /// A name that follows the device across boots (`/dev/disk/by-id/...`), recorded by the
+    /// SDS once it opened the device; `None` for files and for disks without one (and in
+    /// states written before it existed).
+    #[serde(default)]
+    pub stable_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
