@@ -5,6 +5,7 @@
 pub mod command;
 pub mod deploy;
 pub mod error;
+pub mod flush;
 pub mod layout;
 pub mod lease;
 pub mod model;

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod control;
 pub mod data;
 pub mod frame;
+pub mod join;
 pub mod rpc;
 
 pub use auth::ClusterSecret;

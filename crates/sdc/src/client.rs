@@ -1,10 +1,11 @@
 //! Volume IO against the SDSs: splits requests at extent boundaries, routes each piece to
 //! its PG's primary, and retries through map refreshes when the cluster map moved.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use tessera_core::flush::{FlushLedger, FlushPlan};
 use tessera_core::layout::pg_of_extent;
 use tessera_core::{ClusterState, SdsState, Volume};
 use tessera_proto::control::{ClientError, ControlClient, ControlRequest, ControlResponse, MAX_WAIT_FOR_CHANGE_MS};
@@ -50,8 +51,10 @@ pub struct DataClient {
     refresh_count: std::sync::atomic::AtomicU64,
     refresh_lock: tokio::sync::Mutex<()>,
     connections: Mutex<HashMap<u64, RpcClient>>,
-    /// Per volume: SDSs that took writes since the volume's last flush.
-    unflushed: Mutex<HashMap<u64, HashSet<u64>>>,
+    /// Per volume: which primaries took acknowledged writes not yet known durable
+    /// (`tessera_core::flush`). A volume this process has not seen yet owes a flush to every
+    /// SDS: an earlier incarnation of this SDC may have acknowledged writes it never flushed.
+    flush_ledgers: Mutex<HashMap<u64, FlushLedger>>,
     /// Per volume with a limit set: the IO and bandwidth buckets of this SDC.
     limiters: Mutex<HashMap<u64, VolumeLimiter>>,
     /// The origin of the times the limiters are given.
@@ -68,7 +71,7 @@ impl DataClient {
             refresh_count: Default::default(),
             refresh_lock: tokio::sync::Mutex::new(()),
             connections: Mutex::new(HashMap::new()),
-            unflushed: Mutex::new(HashMap::new()),
+            flush_ledgers: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
             limiter_epoch: tokio::time::Instant::now(),
         }
@@ -247,14 +250,6 @@ impl DataClient {
             length,
             mapping_epoch,
         };
-        if op != kind::READ {
-            self.unflushed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(volume.id)
-                .or_default()
-                .insert(primary.sds_id);
-        }
         let header_bytes = header.encode();
         let parts: [&[u8]; 2] = [&header_bytes, data];
         let mut pending = match conn.start(op, &parts).await {
@@ -304,6 +299,11 @@ impl DataClient {
                 if op == kind::READ && reply.payload.len() != length as usize {
                     tracing::error!("SDS returned {} bytes for a {length}-byte read", reply.payload.len());
                     return Err(Attempt::Fatal(IoFailure::Io));
+                }
+                if op != kind::READ {
+                    // Noted on completion, before the caller acknowledges it: see the
+                    // ledger's invariants.
+                    self.with_ledger(volume.id, |l| l.note_completed_write(primary.sds_id));
                 }
                 Ok(reply.payload)
             }
@@ -378,53 +378,35 @@ impl DataClient {
         Ok(())
     }
 
-    /// Makes every completed write to the volume durable on both copies: each primary that
-    /// took writes flushes itself and the secondaries it forwarded to. Not limited: a flush
-    /// moves no data from this SDC, and holding it would only stall the writes it orders.
+    fn with_ledger<T>(&self, volume_id: u64, f: impl FnOnce(&mut FlushLedger) -> T) -> T {
+        let mut ledgers = self.flush_ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        f(ledgers.entry(volume_id).or_insert_with(FlushLedger::new_incarnation))
+    }
+
+    /// Makes every write to the volume acknowledged before this call durable on every copy:
+    /// each primary that took such writes flushes its devices and the copies it forwarded
+    /// to. Concurrent flushes (one NBD connection or several) each wait for a flush that
+    /// covers them: the ledger forgets a write only when a flush that saw it succeeded.
+    /// The targets are flushed in parallel. Not limited by QoS: a flush moves no data from
+    /// this SDC, and holding it would only stall the writes it orders.
     pub async fn flush(&self, volume_id: u64) -> Result<(), IoFailure> {
         let deadline = tokio::time::Instant::now() + IO_RETRY_BUDGET;
         let mut backoff = Duration::from_millis(5);
         loop {
-            let owed: Vec<u64> = self
-                .unflushed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(&volume_id)
-                .map(|s| s.drain().collect())
-                .unwrap_or_default();
-            let map = self.map();
-            let mut failed = Vec::new();
-            // An SDS declared dead can never be flushed, and its PGs now have primaries
-            // elsewhere that hold the writes it took (as forwarded copies or back-filled):
-            // flush every live SDS instead, each of which flushes the copies it forwarded.
-            let owed: Vec<u64> =
-                if owed.iter().any(|id| map.state.sdss.get(id).is_none_or(|s| s.state == SdsState::Down)) {
-                    map.state.sdss.values().filter(|s| s.state != SdsState::Down).map(|s| s.id).collect()
-                } else {
-                    owed
-                };
-            for sds_id in owed {
-                let ok = match self.connection(sds_id, &map).await {
-                    Some(c) => c
-                        .call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT)
-                        .await
-                        .is_ok_and(|r| r.status == status::OK),
-                    None => false,
-                };
-                if !ok {
-                    failed.push(sds_id);
-                }
-            }
-            if failed.is_empty() {
+            let plan = self.with_ledger(volume_id, |l| l.plan());
+            if plan.is_empty() {
                 return Ok(());
             }
-            // Still owed: the retry (or a later flush) must reach them. A failed device is
-            // reported and re-peered by then; a dead SDS's PGs have moved to survivors that
-            // were flushed through their own primaries.
-            self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).entry(volume_id).or_default().extend(failed);
+            let map = self.map();
+            if self.flush_plan(volume_id, &plan, &map).await {
+                return Ok(());
+            }
             if tokio::time::Instant::now() > deadline {
+                tracing::error!(volume_id, "flush failed after retrying for {IO_RETRY_BUDGET:?}");
                 return Err(IoFailure::Io);
             }
+            // A failed device is re-peered, a dead SDS's PGs move to survivors: both show
+            // in a newer map.
             let seen = self.refreshes();
             if let Err(e) = self.refresh(seen).await {
                 tracing::warn!("map refresh failed: {e}");
@@ -432,6 +414,59 @@ impl DataClient {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
+    }
+
+    /// Carries out one flush plan; true when everything it covers is durable. What failed
+    /// stays owed in the ledger for the retry or a later flush.
+    async fn flush_plan(&self, volume_id: u64, plan: &FlushPlan, map: &ClientMap) -> bool {
+        let is_down = |id: &u64| map.state.sdss.get(id).is_none_or(|s| s.state == SdsState::Down);
+        // An SDS declared dead can never be flushed, and its PGs now have primaries
+        // elsewhere that hold the writes it took (as forwarded copies or back-filled): flush
+        // every live SDS instead, each of which flushes its own devices and the copies it
+        // forwarded to. The same when an earlier incarnation's writes may be owed anywhere.
+        let everyone = plan.everyone || plan.targets.iter().any(|(id, _)| is_down(id));
+        let targets: Vec<u64> = if everyone {
+            map.state.sdss.values().filter(|s| s.state != SdsState::Down).map(|s| s.id).collect()
+        } else {
+            plan.targets.iter().map(|(id, _)| *id).collect()
+        };
+        let calls = targets.iter().map(|&sds_id| async move {
+            let ok = match self.connection(sds_id, map).await {
+                Some(c) => c
+                    .call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT)
+                    .await
+                    .is_ok_and(|r| r.status == status::OK),
+                None => false,
+            };
+            (sds_id, ok)
+        });
+        let results = tessera_proto::join::join_all(calls).await;
+        let all_ok = results.iter().all(|(_, ok)| *ok);
+        self.with_ledger(volume_id, |ledger| {
+            if everyone {
+                if all_ok {
+                    if plan.everyone {
+                        ledger.flushed_everyone(plan);
+                    } else {
+                        for (target, seq) in &plan.targets {
+                            ledger.flushed(*target, *seq);
+                        }
+                    }
+                }
+            } else {
+                for ((target, seq), (_, ok)) in plan.targets.iter().zip(&results) {
+                    if *ok {
+                        ledger.flushed(*target, *seq);
+                    }
+                }
+            }
+        });
+        if !all_ok {
+            for (sds_id, _) in results.iter().filter(|(_, ok)| !ok) {
+                tracing::warn!(volume_id, sds_id, "flush not acknowledged; retrying");
+            }
+        }
+        all_ok
     }
 }
 

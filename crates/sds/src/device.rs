@@ -166,8 +166,10 @@ pub struct Device {
     index: RwLock<Index>,
     /// Lock and current owner of each slot, indexed by slot number.
     slots: Box<[RwLock<Option<SlotOwner>>]>,
-    /// Set when a metadata write failed: memory and disk may then disagree, so the device
-    /// refuses all further work until it is reopened from what the disk says.
+    /// Set by any IO error (read, write, sync) or a missed deadline, and never cleared:
+    /// after a failed metadata write memory and disk may disagree, and after a failed data
+    /// write or sync the device may have lost acknowledged data that no later sync brings
+    /// back. A failed device refuses all work; the MDM moves its copies elsewhere.
     failed: AtomicBool,
 }
 
@@ -509,12 +511,12 @@ impl Device {
     pub fn probe(&self) -> Result<(), DeviceError> {
         use std::os::fd::AsRawFd;
         self.check_usable()?;
-        self.file.write_all_at(&self.superblock.encode(), 0).map_err(io_error(&self.path, "probe superblock"))?;
+        self.file.write_all_at(&self.superblock.encode(), 0).map_err(self.io_error("probe superblock"))?;
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
         // Safety: a plain syscall on a descriptor this Device owns.
         let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, SUPERBLOCK_SIZE_BYTES as i64, flags) };
         if rc != 0 {
-            return Err(io_error(&self.path, "probe sync")(std::io::Error::last_os_error()));
+            return Err(self.io_error("probe sync")(std::io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -663,8 +665,25 @@ impl Device {
     }
 
     fn fail(&self, cause: &DeviceError) {
-        tracing::error!(path = %self.path.display(), error = %cause, "metadata write failed; device failed until reopened");
-        self.failed.store(true, Ordering::Release);
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(path = %self.path.display(), error = %cause, "device failed: it serves nothing more");
+        }
+    }
+
+    /// Fails the device because an operation on it missed its deadline (`what` names it).
+    /// A hung device is failed like one that returned an error: its PGs move to their
+    /// other copies, and nothing is served from it again (the hung call may still finish,
+    /// but nobody waits for it).
+    pub fn fail_hung(&self, what: &str) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(path = %self.path.display(), operation = what, "device missed its deadline: failed");
+        }
+    }
+
+    /// Whether the device has failed (an IO error or a missed deadline). Latched: a failed
+    /// device never serves again in this process, and the MDM never lets it back in.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     fn check_range(&self, offset_in_extent: u32, len: u64) -> Result<(), DeviceError> {
@@ -684,8 +703,17 @@ impl Device {
         self.superblock.slot_data_offset(slot) + u64::from(offset_in_extent)
     }
 
+    /// The error for a failed IO on this open device — and the latch: any read, write or
+    /// sync error fails the device for good. A write-back error is reported by the kernel
+    /// once (the PostgreSQL fsync lesson): after it, the page cache may have dropped the
+    /// dirty pages, so a later fdatasync that succeeds proves nothing about data written
+    /// before. Failing the device is the only answer that never acknowledges lost data.
     fn io_error(&self, context: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError + '_ {
-        io_error(&self.path, context)
+        move |source| {
+            let e = DeviceError::Io { path: self.path.clone(), context, source };
+            self.fail(&e);
+            e
+        }
     }
 }
 

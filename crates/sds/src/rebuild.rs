@@ -213,20 +213,17 @@ async fn run_job(sds: &Arc<SdsState>, key: JobKey, device_id: u64, progress: &Jo
         //    before or after this copy, both on the primary and on the target.
         let _guard = locks.lock(k.volume_id, k.extent_index, 0, extent_size).await;
         if dev.is_allocated(*k) {
-            let (d, key_) = (dev.clone(), *k);
-            let data = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; extent_size as usize];
-                d.read(key_, 0, &mut buf).map(|_| buf)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| {
-                // The copy being read is the PG's complete one: a device that cannot serve it
-                // must be reported, or the PG would wait on it forever (found by the
-                // simulator, seed 151).
-                sds.report_device_failure(device_id);
-                format!("reading the source copy: {e}")
-            })?;
+            let key_ = *k;
+            let data = sds
+                .device_op(&dev, "back-fill read", move |d| {
+                    let mut buf = vec![0u8; extent_size as usize];
+                    d.read(key_, 0, &mut buf).map(|_| buf)
+                })
+                .await
+                // The copy being read is the PG's complete one: a device that cannot serve
+                // it is reported (device_op does), or the PG would wait on it forever (found
+                // by the simulator, seed 151).
+                .map_err(|e| format!("reading the source copy: {e}"))?;
             call(kind::WRITE, header(k.volume_id, k.extent_index, extent_size), data).await?;
             progress.bytes_copied.fetch_add(u64::from(extent_size), Ordering::Relaxed);
         } else {

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tessera_core::flush::{FlushLedger, FlushPlan};
 
 use tessera_proto::control::ControlClient;
 use tessera_proto::data::{flags, kind, status, IoHeader, IO_HEADER_BYTES};
@@ -23,6 +24,12 @@ use tessera_core::Replica;
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a forwarded write without a reply checks whether its PG moved on.
 pub const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest one device operation (a read, a write, an fdatasync) may take. A device that
+/// misses it is failed like one that returned an error, and its PGs re-peer onto their
+/// other copies: a hung disk costs its PGs at most this plus one re-peer (about a second),
+/// never the whole SDS its lease. Generous against a healthy disk: an fdatasync behind a
+/// full write cache of a slow HDD takes well under a second.
+pub const DEVICE_OP_DEADLINE: Duration = Duration::from_secs(5);
 
 pub struct SdsState {
     pub secret: ClusterSecret,
@@ -32,9 +39,10 @@ pub struct SdsState {
     pub devices: RwLock<HashMap<u64, Arc<Device>>>,
     peers: Mutex<HashMap<u64, RpcClient>>,
     locks: Arc<RangeLocks>,
-    /// SDSs this one forwarded writes to since its last flush: a client FLUSH must make
-    /// those copies durable too.
-    forwarded_since_flush: Mutex<HashSet<u64>>,
+    /// Which SDSs took forwarded writes not yet known durable (`tessera_core::flush`): a
+    /// client FLUSH must make those copies durable too. A new process owes every peer a
+    /// flush, since its earlier incarnation may have forwarded writes it never flushed.
+    forwarded: Mutex<FlushLedger>,
     /// Wakes the heartbeat loop to refetch the map at once.
     pub refresh: Notify,
     /// Until when this SDS may serve IO: the send time of its last acknowledged heartbeat
@@ -70,7 +78,7 @@ impl SdsState {
             devices: RwLock::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             locks: Arc::new(RangeLocks::default()),
-            forwarded_since_flush: Mutex::new(HashSet::new()),
+            forwarded: Mutex::new(FlushLedger::new_incarnation()),
             refresh: Notify::new(),
             lease_valid_until: Mutex::new(None),
             failed_devices: Mutex::new(HashSet::new()),
@@ -156,7 +164,7 @@ impl SdsState {
     /// Handles one request; returns (status, response payload).
     pub async fn handle(self: &Arc<Self>, header: &FrameHeader, payload: Vec<u8>) -> (u32, Vec<u8>) {
         match header.kind {
-            kind::READ => self.read(&payload),
+            kind::READ => self.read(&payload).await,
             kind::WRITE | kind::WRITE_ZEROES | kind::TRIM => self.write(header.kind, payload).await,
             kind::FLUSH => self.flush(&payload).await,
             kind::LIST_EXTENTS => self.list_extents(&payload),
@@ -178,11 +186,38 @@ impl SdsState {
         verdict
     }
 
-    /// Serves a read. Synchronous on purpose: it is one pread that the page cache usually
-    /// serves in microseconds, so the connection's reader runs it inline — no task, no
-    /// hand-off to a blocking thread, which would each cost more than the read. (On slow
-    /// disks a dedicated IO pool would be the better trade.)
-    pub fn read(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
+    /// Runs one operation of `dev` on a blocking thread under [`DEVICE_OP_DEADLINE`]. The
+    /// async workers never touch a device themselves: a disk that hangs would stop every
+    /// request of this SDS, heartbeats included. A device that errs (the device latches it)
+    /// or misses the deadline is reported to the MDM, once.
+    pub async fn device_op<T: Send + 'static>(
+        self: &Arc<Self>,
+        dev: &Arc<Device>,
+        operation: &'static str,
+        op: impl FnOnce(&Device) -> Result<T, DeviceError> + Send + 'static,
+    ) -> Result<T, DeviceError> {
+        let d = dev.clone();
+        let task = tokio::task::spawn_blocking(move || op(&d));
+        let result = match tokio::time::timeout(DEVICE_OP_DEADLINE, task).await {
+            Ok(Ok(r)) => r,
+            // The operation panicked on a device invariant: trust nothing it touched.
+            Ok(Err(_)) => {
+                dev.fail_hung(operation);
+                Err(DeviceError::Failed)
+            }
+            Err(_) => {
+                dev.fail_hung(operation);
+                Err(DeviceError::TimedOut { operation, deadline_ms: DEVICE_OP_DEADLINE.as_millis() as u64 })
+            }
+        };
+        if result.is_err() && dev.is_failed() {
+            self.report_device_failure(dev.device_id());
+        }
+        result
+    }
+
+    /// Serves a read from this SDS's copy, on a blocking thread under the device deadline.
+    pub async fn read(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
         let Some(h) = IoHeader::decode(payload) else { return (status::INVALID, Vec::new()) };
         let local = match self.check(&h, false) {
             Ok(Role::Primary { local, .. }) | Ok(Role::Local { local }) => local,
@@ -190,17 +225,19 @@ impl SdsState {
         };
         let Some(dev) = self.device(local.device_id) else { return (status::IO_ERROR, Vec::new()) };
         let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
-        let mut buf = vec![0u8; h.length as usize];
-        match dev.read(key, h.offset_in_extent, &mut buf) {
+        let read = self
+            .device_op(&dev, "read", move |d| {
+                let mut buf = vec![0u8; h.length as usize];
+                d.read(key, h.offset_in_extent, &mut buf).map(|()| buf)
+            })
+            .await;
+        match read {
             // The lease may have lapsed while the read ran (a paused process, say): data read
             // then may already be stale, so it is not returned.
-            Ok(()) if !self.lease_held() => (status::NOT_READY, Vec::new()),
-            Ok(()) => (status::OK, buf),
+            Ok(_) if !self.lease_held() => (status::NOT_READY, Vec::new()),
+            Ok(buf) => (status::OK, buf),
             Err(e) => {
                 tracing::warn!("read failed: {e}");
-                if device_status(&e) == status::IO_ERROR {
-                    self.report_device_failure(local.device_id);
-                }
                 (device_status(&e), Vec::new())
             }
         }
@@ -309,34 +346,25 @@ impl SdsState {
         let Some(dev) = self.device(device_id) else { return status::IO_ERROR };
         let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
         let fua = h.flags & flags::FUA != 0;
-        let apply = move || match op {
+        // FUA holds for every kind: a zeroed or trimmed range is durable before the ack too.
+        let apply = move |dev: &Device| match op {
             kind::WRITE => dev.write(key, h.pg_id, h.offset_in_extent, &payload[IO_HEADER_BYTES..], fua).map(|_| ()),
             kind::WRITE_ZEROES => {
                 dev.write_zeroes(key, h.offset_in_extent, h.length).and_then(|_| if fua { dev.flush() } else { Ok(()) })
             }
-            _ => dev.trim(key, h.offset_in_extent, h.length),
+            _ => dev.trim(key, h.offset_in_extent, h.length).and_then(|_| if fua { dev.flush() } else { Ok(()) }),
         };
-        // A plain write into an allocated extent is one pwrite into the page cache: run it
-        // inline. Anything that syncs (allocation, FUA, zeroing, trim) goes to a blocking
-        // thread so the async workers keep serving other requests.
-        let inline = op == kind::WRITE && !fua && self.device(device_id).is_some_and(|d| d.is_allocated(key));
-        let result = if inline { Ok(apply()) } else { tokio::task::spawn_blocking(apply).await };
-        match result {
-            Ok(Ok(())) => status::OK,
-            Ok(Err(e)) => {
+        match self.device_op(&dev, "write", apply).await {
+            Ok(()) => status::OK,
+            Err(e) => {
                 tracing::warn!("local write failed: {e}");
-                if device_status(&e) == status::IO_ERROR {
-                    self.report_device_failure(device_id);
-                }
                 device_status(&e)
             }
-            Err(_) => status::IO_ERROR,
         }
     }
 
     async fn forward(&self, op: u16, h: IoHeader, sds_id: u64, payload: &[u8]) -> u32 {
         let Ok(peer) = self.peer(sds_id).await else { return status::REPLICA_UNAVAILABLE };
-        self.forwarded_since_flush.lock().unwrap_or_else(|p| p.into_inner()).insert(sds_id);
         let forwarded = IoHeader { flags: h.flags | flags::REPLICA, ..h };
         let header_bytes = forwarded.encode();
         let parts: [&[u8]; 2] = [&header_bytes, &payload[IO_HEADER_BYTES..]];
@@ -364,7 +392,10 @@ impl SdsState {
         };
         match result {
             Ok(reply) => {
-                if reply.status != status::OK {
+                if reply.status == status::OK {
+                    // Noted on completion, before the primary acknowledges the write.
+                    self.forwarded.lock().unwrap_or_else(|p| p.into_inner()).note_completed_write(sds_id);
+                } else {
                     tracing::warn!(sds_id, "secondary refused write: {}", status::name(reply.status));
                 }
                 // Epoch disagreements are the client's to resolve by refetching its map; a
@@ -383,62 +414,117 @@ impl SdsState {
         }
     }
 
+    /// Makes every write acknowledged before this request durable: on every local device,
+    /// and (unless `LOCAL_ONLY`) on every copy this SDS forwarded such writes to. Devices
+    /// and peers are flushed in parallel. Concurrent flushes each plan from the ledger and
+    /// flush whatever is still owed, so none returns before the writes it covers are
+    /// durable (see `tessera_core::flush`).
     async fn flush(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
         let local_only = payload.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).unwrap_or(0)
             & flags::LOCAL_ONLY
             != 0;
-        let peers: Vec<u64> = if local_only {
-            Vec::new()
+        let plan = if local_only {
+            FlushPlan { targets: Vec::new(), everyone: false }
         } else {
-            self.forwarded_since_flush.lock().unwrap_or_else(|p| p.into_inner()).drain().collect()
+            self.forwarded.lock().unwrap_or_else(|p| p.into_inner()).plan()
         };
-        // Devices already reported failed are skipped: the MDM moves their PGs to copies
-        // elsewhere. A device that fails now is reported, and this flush fails (the client
-        // retries once the map has moved on).
-        let failed = self.failed_devices.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let devices: Vec<Arc<Device>> =
-            self.all_devices().into_iter().filter(|d| !failed.contains(&d.device_id())).collect();
-        let local = tokio::task::spawn_blocking(move || {
-            devices
-                .iter()
-                .map(|d| (d.device_id(), d.flush()))
-                .filter(|(_, r)| r.is_err())
-                .map(|(id, _)| id)
-                .collect::<Vec<u64>>()
-        })
-        .await;
-        let mut result = match local {
-            Ok(failed_now) if failed_now.is_empty() => status::OK,
-            Ok(failed_now) => {
-                for device_id in failed_now {
-                    tracing::warn!(device_id, "flush failed");
-                    self.report_device_failure(device_id);
+        let (local, peers) = tokio::join!(self.flush_devices(), self.flush_peers(&plan));
+        if local != status::OK {
+            return (local, Vec::new());
+        }
+        (peers, Vec::new())
+    }
+
+    /// fdatasync of every local device, in parallel, each under the device deadline.
+    ///
+    /// A failed device never makes a flush succeed over data that only it held: while the
+    /// map still places a copy on it, the flush fails (the client retries once the MDM has
+    /// moved those PGs to their other copies, which its retry then flushes). Once no copy is
+    /// there, it is skipped.
+    async fn flush_devices(self: &Arc<Self>) -> u32 {
+        let map = self.map();
+        let holds_copies = |device_id: u64| {
+            map.pools
+                .values()
+                .flat_map(|p| &p.pgs)
+                .flat_map(|g| &g.replicas)
+                .any(|r| r.sds_id == map.sds_id && r.device_id == device_id)
+        };
+        let mut flushes = Vec::new();
+        let mut result = status::OK;
+        for dev in self.all_devices() {
+            if dev.is_failed() {
+                if holds_copies(dev.device_id()) {
+                    self.report_device_failure(dev.device_id());
+                    result = status::IO_ERROR;
                 }
-                status::IO_ERROR
-            }
-            Err(_) => status::IO_ERROR,
-        };
-        let down = self.map().down_sdss.clone();
-        for sds_id in peers {
-            if down.contains(&sds_id) {
-                // Declared dead, so removed from every PG this SDS also holds: the copies
-                // it had are gone, and the writes live on here and on the other copies.
                 continue;
             }
-            let ok = match self.peer(sds_id).await {
+            flushes.push(async move { (dev.device_id(), self.device_op(&dev, "flush", |d| d.flush()).await) });
+        }
+        for (device_id, r) in tessera_proto::join::join_all(flushes).await {
+            if let Err(e) = r {
+                tracing::warn!(device_id, "flush failed: {e}");
+                result = status::IO_ERROR;
+            }
+        }
+        result
+    }
+
+    /// Flushes the copies the plan owes, in parallel; what fails stays owed.
+    async fn flush_peers(self: &Arc<Self>, plan: &FlushPlan) -> u32 {
+        if plan.is_empty() {
+            return status::OK;
+        }
+        let map = self.map();
+        // A peer declared dead is removed from every PG this SDS also holds: the copies it
+        // had are gone, and the writes live on here and on the other copies.
+        let live = |id: &u64| *id != map.sds_id && !map.down_sdss.contains(id);
+        let targets: Vec<(u64, Option<u64>)> = if plan.everyone {
+            map.sds_addresses.keys().copied().filter(live).map(|id| (id, None)).collect()
+        } else {
+            plan.targets.iter().filter(|(id, _)| live(id)).map(|&(id, seq)| (id, Some(seq))).collect()
+        };
+        let calls = targets.iter().map(|&(sds_id, _)| async move {
+            match self.peer(sds_id).await {
                 Ok(peer) => peer
                     .call(kind::FLUSH, &[&flags::LOCAL_ONLY.to_le_bytes()], PEER_CALL_TIMEOUT)
                     .await
                     .is_ok_and(|r| r.status == status::OK),
                 Err(_) => false,
-            };
-            if !ok {
-                // Keep it owed: the next flush must try again.
-                self.forwarded_since_flush.lock().unwrap_or_else(|p| p.into_inner()).insert(sds_id);
-                result = status::REPLICA_UNAVAILABLE;
+            }
+        });
+        let results = tessera_proto::join::join_all(calls).await;
+        let all_ok = results.iter().all(|ok| *ok);
+        let mut ledger = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+        if plan.everyone {
+            if all_ok {
+                ledger.flushed_everyone(plan);
+            }
+        } else {
+            for ((sds_id, seq), ok) in targets.iter().zip(&results) {
+                if *ok {
+                    ledger.flushed(*sds_id, seq.unwrap_or(0));
+                }
+            }
+            // Down peers owe nothing more: their copies left every PG.
+            for (sds_id, seq) in &plan.targets {
+                if !live(sds_id) {
+                    ledger.flushed(*sds_id, *seq);
+                }
             }
         }
-        (result, Vec::new())
+        drop(ledger);
+        for ((sds_id, _), ok) in targets.iter().zip(&results) {
+            if !ok {
+                tracing::warn!(sds_id, "peer flush failed; it stays owed");
+            }
+        }
+        if all_ok {
+            status::OK
+        } else {
+            status::REPLICA_UNAVAILABLE
+        }
     }
 
     fn list_extents(&self, payload: &[u8]) -> (u32, Vec<u8>) {
@@ -482,7 +568,7 @@ impl SdsState {
         (status::OK, out)
     }
 
-    async fn extent_checksum(&self, payload: &[u8]) -> (u32, Vec<u8>) {
+    async fn extent_checksum(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
         let Some(mut h) = IoHeader::decode(payload) else { return (status::INVALID, Vec::new()) };
         h.flags |= flags::LOCAL_ONLY;
         h.offset_in_extent = 0;
@@ -493,10 +579,9 @@ impl SdsState {
         };
         let Some(dev) = self.device(local.device_id) else { return (status::IO_ERROR, Vec::new()) };
         let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
-        match tokio::task::spawn_blocking(move || dev.extent_checksum(key)).await {
-            Ok(Ok(crc)) => (status::OK, crc.to_le_bytes().to_vec()),
-            Ok(Err(e)) => (device_status(&e), Vec::new()),
-            Err(_) => (status::IO_ERROR, Vec::new()),
+        match self.device_op(&dev, "checksum", move |d| d.extent_checksum(key)).await {
+            Ok(crc) => (status::OK, crc.to_le_bytes().to_vec()),
+            Err(e) => (device_status(&e), Vec::new()),
         }
     }
 }
@@ -523,13 +608,6 @@ pub async fn serve_connection(sds: Arc<SdsState>, mut stream: TcpStream) {
                 return;
             }
         };
-        if header.kind == kind::READ {
-            let (status, body) = sds.read(&payload);
-            if replies.send(OutFrame::reply(&header, status, body)).await.is_err() {
-                return;
-            }
-            continue;
-        }
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let sds = sds.clone();
         let replies = replies.clone();

@@ -36,8 +36,10 @@ pub enum DeviceError {
     Truncated { required_bytes: u64, actual_bytes: u64 },
     #[error("extent size {extent_size_bytes} is not a power of two between 4 KiB and 64 MiB")]
     InvalidExtentSize { extent_size_bytes: u32 },
-    #[error("device failed after a metadata write error; reopen it to recover from what the disk says")]
+    #[error("device failed (an IO error or a missed deadline); it serves nothing more")]
     Failed,
+    #[error("device did not complete {operation} within {deadline_ms} ms; it is failed")]
+    TimedOut { operation: &'static str, deadline_ms: u64 },
     #[error("device is full: every slot holds an extent")]
     Full,
     #[error("IO of {len} bytes at offset {offset} does not fit in a {extent_size_bytes}-byte extent")]

@@ -1,0 +1,173 @@
+//! Which targets a FLUSH must reach: the bookkeeping behind "a FLUSH is acknowledged only
+//! when every write acknowledged before it was received is durable on every copy".
+//!
+//! Both the SDC (targets: the PG primaries it wrote to) and the SDS (targets: the copies it
+//! forwarded writes to) keep one [`FlushLedger`]. Pure: no I/O, no clocks.
+//!
+//! # Why sequence numbers, not a set drained when a flush starts
+//! A set drained at the start of flush A leaves a concurrent flush B (same or another NBD
+//! connection) nothing to do: B returns at once although A, still in flight, has not made
+//! the writes B must cover durable yet. Here every completed write takes the next number of
+//! one counter and raises its target's `last_completed_seq`; a flush plans from a snapshot
+//! and, when a target's flush succeeds, raises that target's `durable_through_seq` to the
+//! number it saw. A flush that starts while another is in flight sees the target still
+//! owed and flushes it itself. Nothing is ever forgotten by starting a flush, only by
+//! finishing one.
+//!
+//! # Invariants
+//! - A write is noted when it *completed* (just before it is acknowledged), never when it
+//!   is sent: noting at send time would let a flush planned before the write reached the
+//!   target mark it durable.
+//! - `durable_through_seq <= last_completed_seq` for every target, and neither goes down.
+//! - `owe_everyone` is set by a fresh process: writes acknowledged by an earlier incarnation
+//!   of this SDC or SDS may be owed anywhere, so the first flush reaches every live target.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TargetSeqs {
+    last_completed_seq: u64,
+    durable_through_seq: u64,
+}
+
+/// What one flush must do, planned from a snapshot of the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushPlan {
+    /// Targets that took writes not yet known durable, with the sequence number a
+    /// successful flush of that target makes durable.
+    pub targets: Vec<(u64, u64)>,
+    /// Writes of an earlier incarnation may be owed by any target: flush every live one.
+    pub everyone: bool,
+}
+
+impl FlushPlan {
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty() && !self.everyone
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FlushLedger {
+    next_seq: u64,
+    targets: BTreeMap<u64, TargetSeqs>,
+    owe_everyone: bool,
+}
+
+impl FlushLedger {
+    /// A ledger for a process that just started: its first flush reaches every target.
+    pub fn new_incarnation() -> FlushLedger {
+        FlushLedger { next_seq: 1, targets: BTreeMap::new(), owe_everyone: true }
+    }
+
+    /// A ledger that owes nothing (a volume created by this process, tests).
+    pub fn empty() -> FlushLedger {
+        FlushLedger { next_seq: 1, targets: BTreeMap::new(), owe_everyone: false }
+    }
+
+    /// Records a write to `target` that completed (is about to be acknowledged).
+    pub fn note_completed_write(&mut self, target: u64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let t = self.targets.entry(target).or_default();
+        t.last_completed_seq = seq;
+    }
+
+    /// The targets a flush starting now must make durable.
+    pub fn plan(&self) -> FlushPlan {
+        let targets = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.last_completed_seq > t.durable_through_seq)
+            .map(|(id, t)| (*id, t.last_completed_seq))
+            .collect();
+        FlushPlan { targets, everyone: self.owe_everyone }
+    }
+
+    /// `target` was flushed successfully by a flush planned with `seq` for it.
+    pub fn flushed(&mut self, target: u64, seq: u64) {
+        if let Some(t) = self.targets.get_mut(&target) {
+            assert!(seq <= t.last_completed_seq, "flushed a sequence number never handed out");
+            t.durable_through_seq = t.durable_through_seq.max(seq);
+            if t.durable_through_seq == t.last_completed_seq {
+                // Nothing owed: forget the target so the ledger stays as small as the set
+                // of targets with writes in flight.
+                self.targets.remove(&target);
+            }
+        }
+    }
+
+    /// A flush planned with `plan.everyone` reached every live target successfully.
+    pub fn flushed_everyone(&mut self, plan: &FlushPlan) {
+        assert!(plan.everyone);
+        self.owe_everyone = false;
+        for (target, seq) in &plan.targets {
+            self.flushed(*target, *seq);
+        }
+    }
+
+    /// Whether anything is owed (for tests and status).
+    pub fn owes_anything(&self) -> bool {
+        !self.plan().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_in_flight_does_not_cover_a_concurrent_one() {
+        let mut l = FlushLedger::empty();
+        l.note_completed_write(7);
+        let first = l.plan();
+        assert_eq!(first.targets, vec![(7, 1)]);
+        // The first flush has not finished: a second flush must still reach target 7.
+        let second = l.plan();
+        assert_eq!(second.targets, vec![(7, 1)]);
+        l.flushed(7, 1);
+        assert!(l.plan().is_empty());
+    }
+
+    #[test]
+    fn a_write_completed_after_planning_stays_owed() {
+        let mut l = FlushLedger::empty();
+        l.note_completed_write(7);
+        let plan = l.plan();
+        l.note_completed_write(7); // seq 2, after the plan
+        l.flushed(7, plan.targets[0].1);
+        assert_eq!(l.plan().targets, vec![(7, 2)]);
+    }
+
+    #[test]
+    fn failed_targets_stay_owed_and_successful_ones_are_forgotten() {
+        let mut l = FlushLedger::empty();
+        l.note_completed_write(1);
+        l.note_completed_write(2);
+        let plan = l.plan();
+        l.flushed(1, plan.targets[0].1);
+        assert_eq!(l.plan().targets, vec![(2, 2)]);
+    }
+
+    #[test]
+    fn an_out_of_order_completion_never_lowers_durability() {
+        let mut l = FlushLedger::empty();
+        l.note_completed_write(1);
+        let early = l.plan();
+        l.note_completed_write(1);
+        let late = l.plan();
+        l.flushed(1, late.targets[0].1);
+        l.flushed(1, early.targets[0].1); // the older flush finishing last changes nothing
+        assert!(l.plan().is_empty());
+    }
+
+    #[test]
+    fn a_new_incarnation_owes_everyone_until_one_flush_reached_all() {
+        let mut l = FlushLedger::new_incarnation();
+        assert!(l.plan().everyone);
+        l.note_completed_write(3);
+        let plan = l.plan();
+        assert!(plan.everyone);
+        l.flushed_everyone(&plan);
+        assert!(l.plan().is_empty());
+    }
+}
