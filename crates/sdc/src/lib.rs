@@ -6,6 +6,7 @@
 pub mod client;
 pub mod daemon;
 pub mod export;
+pub mod extents;
 pub mod qos;
 pub mod verify;
 

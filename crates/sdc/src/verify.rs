@@ -1,5 +1,6 @@
 //! Copy verification: compares both copies of every allocated extent of a volume by
-//! checksum, read by each SDS from its own device.
+//! checksum, read by each SDS from its own device. Which extents exist is listed as
+//! `extents.rs` lists them, tolerating an SDS that cannot answer (see there).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tessera_proto::rpc::RpcClient;
 use tessera_proto::ClusterSecret;
 
 use crate::client::DATA_CALL_TIMEOUT;
+use crate::extents::{list_on, pool_sds_ids};
 
 /// Checksum requests in flight at once.
 const VERIFY_PARALLELISM: usize = 8;
@@ -90,7 +92,7 @@ async fn verify_pass(
         state.volume_by_name(volume_name).ok_or_else(|| anyhow::anyhow!("volume {volume_name:?} not found"))?.clone();
     let pool =
         state.pools.get(&volume.pool_id).ok_or_else(|| anyhow::anyhow!("pool of {volume_name} missing"))?.clone();
-    let sds_ids: BTreeSet<u64> = pool.pgs.iter().flat_map(|pg| pg.replicas.iter().map(|r| r.sds_id)).collect();
+    let sds_ids = pool_sds_ids(&pool);
     // An SDS that cannot be reached (dead, not yet replaced) answers for no copy: its
     // extents show as unreadable and are checked again on a fresher map.
     let mut conns = HashMap::new();
@@ -107,14 +109,9 @@ async fn verify_pass(
     // difference unless the allocated one holds zeros, which the checksums show.
     let mut extents = BTreeSet::new();
     for conn in conns.values() {
-        let reply = conn.call(kind::LIST_EXTENTS, &[&volume.id.to_le_bytes()], DATA_CALL_TIMEOUT).await?;
-        anyhow::ensure!(
-            reply.status == status::OK,
-            "listing extents on {}: {}",
-            conn.addr(),
-            status::name(reply.status)
-        );
-        extents.extend(reply.payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))));
+        let listed =
+            list_on(conn, volume.id).await.map_err(|e| anyhow::anyhow!("listing extents on {}: {e}", conn.addr()))?;
+        extents.extend(listed);
     }
     if let Some(only) = only {
         extents.retain(|e| only.contains(e));

@@ -20,8 +20,9 @@ pub fn service(cfg: &ClientConfig) -> anyhow::Result<VolumeService> {
         .clone()
         .or_else(|| cfg.sdc.clone())
         .ok_or_else(|| anyhow!("no SDC for this node: set `sdc` (or `[volumes] sdc`) in the config"))?;
-    let control = ControlClient::new(cfg.mdm.clone(), cfg.secret()?);
-    VolumeService::new(control, sdc, vcfg).map_err(|e| anyhow!("volume service config: {e}"))
+    let secret = cfg.secret()?;
+    let control = ControlClient::new(cfg.mdm.clone(), secret.clone());
+    VolumeService::new(control, secret, sdc, vcfg).map_err(|e| anyhow!("volume service config: {e}"))
 }
 
 /// `k=v` pairs; the value may itself contain `=`.

@@ -3,8 +3,9 @@
 //! Mount: look the volume up; create it if missing (unless creation is explicit); map it to
 //! this node's SDC — taking it from another node only with `preempt`, which moves the
 //! volume's mapping epoch so that node can no longer write; attach; probe the filesystem and
-//! format only a blank device; mount at `<mount path>/<name>`; hand back
-//! `<mount path>/<name>/<root path>` (mode 0700). The caller's reference is recorded on disk.
+//! format only a volume that was never written (below); mount at `<mount path>/<name>`; hand
+//! back `<mount path>/<name>/<root path>` (mode 0700). The caller's reference is recorded on
+//! disk.
 //! Unmount drops the caller's reference and, at the last one (or at once with
 //! `ignore_used_count`), unmounts, detaches and unmaps. The reference goes first, so a failed
 //! unmount never pins a count; the next unmount retries the teardown.
@@ -13,22 +14,34 @@
 //! mounts first finds the filesystem that was asked for; `overwritefs` therefore has nothing
 //! to overwrite on a new volume and is ignored, with a warning, on an existing one: an
 //! existing volume is never reformatted.
+//!
+//! The format rule, on every path that formats (mount and create): a volume is formatted
+//! only if it was never written — no SDS of its pool holds an allocated extent of it
+//! (`tessera_sdc::extents`, which fails closed when an SDS cannot answer) — whatever its
+//! first bytes read. A volume that reads blank but holds extents (a database wrote the raw
+//! device) is refused with one line, and the mount undoes its own map and attach so that
+//! nothing is changed. The extents are listed after the volume is mapped here: for a volume
+//! mapped to one SDC only, the mapping fence keeps every other node from writing between
+//! the check and the mkfs. (A preempt, once done, is not undone: the fence moved.)
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tessera_core::units::{format_size, parse_size_bytes};
 use tessera_core::{ClusterState, Command, Volume};
 use tessera_proto::control::{ClientError, ControlClient};
+use tessera_proto::ClusterSecret;
 
 use crate::api::{ApiError, Opts, VolumeApi, VolumeInfo};
 use crate::attach::Attacher;
 use crate::config::VolumeServiceConfig;
-use crate::fs::{FsType, Probe};
+use crate::fs::{format_decision, needs_extent_count, FormatDecision, FsType};
 use crate::refs::{RefStore, StateLock};
 
 pub struct VolumeService {
     control: ControlClient,
+    /// To ask the SDSs directly which extents a volume has (the format rule).
+    secret: ClusterSecret,
     sdc: String,
     cfg: VolumeServiceConfig,
     attacher: Attacher,
@@ -112,12 +125,18 @@ fn from_client(e: ClientError) -> ApiError {
 }
 
 impl VolumeService {
-    pub fn new(control: ControlClient, sdc: String, cfg: VolumeServiceConfig) -> Result<VolumeService, String> {
+    pub fn new(
+        control: ControlClient,
+        secret: ClusterSecret,
+        sdc: String,
+        cfg: VolumeServiceConfig,
+    ) -> Result<VolumeService, String> {
         cfg.validate()?;
         Ok(VolumeService {
             attacher: Attacher::new(&cfg.state_dir),
             refs: RefStore::new(&cfg.state_dir),
             control,
+            secret,
             sdc,
             cfg,
         })
@@ -255,27 +274,86 @@ impl VolumeService {
             }
         }
         let fs = opts.fstype.unwrap_or(self.default_fs()?);
-        if let Err(e) = self.format_new(name, fs).await {
-            // A volume that could not be formatted is removed again rather than left for a
-            // mount to format with another filesystem than was asked.
-            let _ = self.attacher.detach(name).await;
-            let _ = self.unmap_here(name).await;
-            let _ = self.exec(Command::RemoveVolume { name: name.into() }).await;
-            return Err(e);
+        match self.format_new(name, fs).await {
+            Ok(()) => Ok(true),
+            Err(FormatNewError::Kept(e)) => {
+                // Someone wrote the volume between its creation and our format (another
+                // node's mount raced this create): it is theirs now, so it is neither
+                // formatted nor removed.
+                let _ = self.attacher.detach(name).await;
+                let _ = self.unmap_here(name).await;
+                Err(e)
+            }
+            Err(FormatNewError::Failed(e)) => {
+                // A volume that could not be formatted (and was not written) is removed
+                // again rather than left for a mount to format with another filesystem
+                // than was asked.
+                let _ = self.attacher.detach(name).await;
+                let _ = self.unmap_here(name).await;
+                let _ = self.exec(Command::RemoveVolume { name: name.into() }).await;
+                Err(e)
+            }
         }
-        Ok(true)
     }
 
-    async fn format_new(&self, name: &str, fs: FsType) -> Result<(), ApiError> {
+    /// Formats the volume `create_locked` just created, under the same rule as a mount: it
+    /// is new, so it should be never written — but it is checked, not assumed.
+    async fn format_new(&self, name: &str, fs: FsType) -> Result<(), FormatNewError> {
         let state = self.state().await?;
         let volume = state.volume_by_name(name).ok_or_else(|| ApiError::NotFound(name.into()))?.clone();
         self.map_here(&state, &volume, false).await?;
         let sdc = self.our_sdc(&state)?;
         let a = self.attacher.attach(name, &Self::uri(name, sdc), volume.size_bytes).await.map_err(failed)?;
-        crate::fs::mkfs(&a.device, fs).await.map_err(failed)?;
-        tracing::info!(volume = name, fs = fs.as_str(), "formatted");
+        match self.format_decision_for(name, &a.device).await {
+            Ok(FormatDecision::Format(never_written)) => {
+                crate::fs::mkfs(&a.device, fs, never_written).await.map_err(failed)?;
+                tracing::info!(volume = name, fs = fs.as_str(), "formatted");
+            }
+            Ok(FormatDecision::Mount(found)) => {
+                // Formatted by another node meanwhile: nothing is lost by leaving it.
+                tracing::warn!(volume = name, found = found.as_str(), "already formatted; not formatted again");
+            }
+            Ok(FormatDecision::Refuse(why)) => return Err(FormatNewError::Kept(ApiError::Failed(why))),
+            // The cluster could not tell whether it was written: keep it rather than risk
+            // removing someone's data; a mount checks again.
+            Err(e) => return Err(FormatNewError::Kept(e)),
+        }
         self.attacher.detach(name).await.map_err(failed)?;
-        self.unmap_here(name).await
+        Ok(self.unmap_here(name).await?)
+    }
+
+    /// Probes the volume attached at `device` and applies the format rule. The cluster is
+    /// asked for the volume's extents only when the probe finds it blank; an SDS that cannot
+    /// answer makes this an error, never a format.
+    async fn format_decision_for(&self, name: &str, device: &Path) -> Result<FormatDecision, ApiError> {
+        let dev = device.to_path_buf();
+        let probe = tokio::task::spawn_blocking(move || crate::fs::probe_device(&dev))
+            .await
+            .map_err(failed)?
+            .map_err(|e| failed(format!("probing {}: {e}", device.display())))?;
+        let allocated = if needs_extent_count(probe) {
+            let found =
+                tessera_sdc::extents::allocated_extents(&self.control, &self.secret, name).await.map_err(failed)?;
+            Some(found.extents.len() as u64)
+        } else {
+            None
+        };
+        Ok(format_decision(name, probe, allocated))
+    }
+
+    /// Undoes what a refused mount did, leaving the volume as it found it: detaches unless
+    /// it was attached before, unmaps unless it was mapped here before.
+    async fn undo_mount_steps(&self, name: &str, was_attached: bool, was_mapped: bool) {
+        if !was_attached {
+            if let Err(e) = self.attacher.detach(name).await {
+                tracing::warn!(volume = name, "after a refused mount: {e}");
+            }
+        }
+        if !was_mapped {
+            if let Err(e) = self.unmap_here(name).await {
+                tracing::warn!(volume = name, "after a refused mount: {e}");
+            }
+        }
     }
 
     /// Mount for `caller` with creation `opts` used if the volume must be created.
@@ -299,26 +377,27 @@ impl VolumeService {
         let volume = state.volume_by_name(name).ok_or_else(|| ApiError::NotFound(name.into()))?.clone();
         let path = self.data_path(name);
         if !self.mounted_here(name) {
-            self.map_here(&state, &volume, self.cfg.preempt).await?;
             let sdc = self.our_sdc(&state)?;
+            let was_mapped = volume.mapped_sdcs.contains(&sdc.id);
+            let was_attached = self.attacher.current(name).is_some();
+            self.map_here(&state, &volume, self.cfg.preempt).await?;
             let a = self.attacher.attach(name, &Self::uri(name, sdc), volume.size_bytes).await.map_err(failed)?;
-            let device = a.device.clone();
-            let probe = tokio::task::spawn_blocking(move || crate::fs::probe_device(&device))
-                .await
-                .map_err(failed)?
-                .map_err(|e| failed(format!("probing {}: {e}", a.device.display())))?;
-            let fs = match probe {
-                Probe::Fs(fs) => fs,
-                Probe::Blank => {
+            let fs = match self.format_decision_for(name, &a.device).await {
+                Ok(FormatDecision::Mount(fs)) => fs,
+                Ok(FormatDecision::Format(never_written)) => {
                     let fs = opts.fstype.unwrap_or(self.default_fs()?);
-                    crate::fs::mkfs(&a.device, fs).await.map_err(failed)?;
-                    tracing::info!(volume = name, fs = fs.as_str(), "formatted a blank volume");
+                    crate::fs::mkfs(&a.device, fs, never_written).await.map_err(failed)?;
+                    tracing::info!(volume = name, fs = fs.as_str(), "formatted a volume that was never written");
                     fs
                 }
-                Probe::Unknown => {
-                    return Err(ApiError::Failed(format!(
-                    "volume {name} holds data that is no ext4, xfs or btrfs filesystem; refusing to format or mount it"
-                )))
+                Ok(FormatDecision::Refuse(why)) => {
+                    tracing::warn!(volume = name, "{why}");
+                    self.undo_mount_steps(name, was_attached, was_mapped).await;
+                    return Err(ApiError::Failed(why));
+                }
+                Err(e) => {
+                    self.undo_mount_steps(name, was_attached, was_mapped).await;
+                    return Err(e);
                 }
             };
             let mountpoint = self.mountpoint(name);
@@ -429,6 +508,20 @@ impl VolumeService {
         status.insert("attached_to".into(), serde_json::json!(attached));
         let mountpoint = self.mounted_here(&v.name).then(|| self.data_path(&v.name).to_string_lossy().to_string());
         VolumeInfo { name: v.name.clone(), mountpoint, status }
+    }
+}
+
+/// How formatting a just-created volume failed: whether it may be removed again.
+enum FormatNewError {
+    /// It may hold someone's data (or the cluster could not tell): keep it.
+    Kept(ApiError),
+    /// Nothing was written to it but our own attempt: remove it.
+    Failed(ApiError),
+}
+
+impl From<ApiError> for FormatNewError {
+    fn from(e: ApiError) -> Self {
+        FormatNewError::Failed(e)
     }
 }
 
