@@ -153,6 +153,17 @@ pub enum Command {
         epoch: u64,
         sds_id: u64,
     },
+    /// `sds_id` restarted with copies of these PGs that may differ from their partners (it
+    /// held writes there that were not yet flushed when it stopped): each such copy stops
+    /// counting as complete, and is back-filled from a complete copy, unless it is the
+    /// PG's only complete copy on a live SDS — then it wins and the others are made equal
+    /// to it. Sent by an SDS before it serves a device, so no read is ever served from a
+    /// copy its partners disagree with.
+    ReportSuspectCopies {
+        sds_id: u64,
+        /// (pool id, PG id) of every PG with a suspect copy on this SDS.
+        pgs: Vec<(u64, u32)>,
+    },
     /// The primary finished back-filling `sds_id`'s copy. Applies only at `epoch`.
     SyncComplete {
         pool_id: u64,
@@ -606,6 +617,7 @@ impl ClusterState {
             Command::SyncComplete { pool_id, pg_id, epoch, sds_id } => {
                 self.sync_complete(*pool_id, *pg_id, *epoch, *sds_id)
             }
+            Command::ReportSuspectCopies { sds_id, pgs } => self.report_suspect_copies(*sds_id, pgs),
             Command::MovePg { pool_id, pg_id, epoch, from_sds_id, to } => {
                 self.move_pg(*pool_id, *pg_id, *epoch, *from_sds_id, *to)
             }

@@ -18,6 +18,9 @@ use crate::layout::mix64;
 use crate::lease::LeaseStatus;
 use crate::model::*;
 
+/// Bound on one `ReportSuspectCopies`: more PGs than any pool set holds is a bad request.
+pub const MAX_SUSPECT_PGS_PER_REPORT: usize = 1 << 20;
+
 impl ClusterState {
     fn pd_uses_fault_sets(&self, pd_id: u64) -> bool {
         self.fault_sets.values().any(|f| f.pd_id == pd_id)
@@ -182,6 +185,54 @@ impl ClusterState {
         Ok(Applied { id: sds_id })
     }
 
+    /// See [`Command::ReportSuspectCopies`]. A suspect copy is demoted to syncing — moved
+    /// behind the complete copies, so it is neither primary nor ever read — when another
+    /// complete copy lives on an SDS believed alive; that copy is then the truth and the
+    /// primary back-fills the suspect one. When no such copy exists (both copies restarted
+    /// after a site-wide power cut, say), the suspect copy is the best there is and stays:
+    /// its partner, demoted by its own report, is made equal to it. Either way, once both
+    /// have reported, each PG has one authoritative copy and the rest are back-filled from
+    /// it, so a block reads the same before and after any failover.
+    pub(crate) fn report_suspect_copies(&mut self, sds_id: u64, pgs: &[(u64, u32)]) -> CommandOutcome {
+        if !self.sdss.contains_key(&sds_id) {
+            return Err(CoreError::not_found("SDS", &sds_id.to_string()));
+        }
+        if pgs.len() > MAX_SUSPECT_PGS_PER_REPORT {
+            return Err(CoreError::Invalid(format!(
+                "{} suspect PGs in one report; at most {MAX_SUSPECT_PGS_PER_REPORT}",
+                pgs.len()
+            )));
+        }
+        let believed_alive = |s: &ClusterState, id: u64| {
+            s.sdss.get(&id).is_some_and(|s| matches!(s.state, SdsState::Normal | SdsState::Draining))
+        };
+        let mut demoted = 0u64;
+        for &(pool_id, pg_id) in pgs {
+            let Some(pg) = self.pools.get(&pool_id).and_then(|p| p.pgs.get(pg_id as usize)) else { continue };
+            if !pg.replicas.iter().any(|r| r.sds_id == sds_id) || pg.syncing.contains(&sds_id) {
+                continue; // not a member, or already being back-filled
+            }
+            let other_complete_alive = pg.in_sync().any(|r| r.sds_id != sds_id && believed_alive(self, r.sds_id));
+            if !other_complete_alive {
+                continue; // the best copy there is: it wins
+            }
+            let Some(pg) = self.pools.get_mut(&pool_id).and_then(|p| p.pgs.get_mut(pg_id as usize)) else { continue };
+            // Complete copies first (live before others, as they stand), then the demoted
+            // one, then the copies already syncing.
+            let (mut complete, mut rest): (Vec<Replica>, Vec<Replica>) =
+                pg.replicas.iter().partition(|r| r.sds_id != sds_id && !pg.syncing.contains(&r.sds_id));
+            let (me, syncing): (Vec<Replica>, Vec<Replica>) = rest.drain(..).partition(|r| r.sds_id == sds_id);
+            complete.extend(me);
+            complete.extend(syncing);
+            pg.replicas = complete;
+            pg.syncing.insert(sds_id);
+            assert!(!pg.syncing.contains(&pg.replicas[0].sds_id), "a syncing copy must never be primary");
+            pg.epoch += 1;
+            demoted += 1;
+        }
+        Ok(Applied { id: demoted })
+    }
+
     /// Adds a syncing copy to every placed PG that has fewer than `REPLICA_COUNT` copies.
     pub(crate) fn top_up_short_pgs(&mut self) {
         let short: Vec<(u64, u32)> = self
@@ -305,6 +356,60 @@ mod tests {
             pool.pgs.iter().flat_map(|pg| pg.syncing.iter().copied()).collect();
         assert!(sources.len() >= 6, "sources {sources:?}");
         assert!(targets.len() >= 6, "targets {targets:?}");
+    }
+
+    fn pgs_of(s: &ClusterState, sds: u64) -> Vec<(u64, u32)> {
+        let pool = s.pool_by_name("p").unwrap();
+        pool.pgs.iter().filter(|pg| pg.replicas.iter().any(|r| r.sds_id == sds)).map(|pg| (pool.id, pg.id)).collect()
+    }
+
+    #[test]
+    fn a_suspect_copy_is_back_filled_from_a_live_complete_one() {
+        let mut s = cluster(3, false);
+        let a = sds_id(&s, "s0");
+        let before = s.pool_by_name("p").unwrap().pgs.clone();
+        let suspect = pgs_of(&s, a);
+        s.apply(&Command::ReportSuspectCopies { sds_id: a, pgs: suspect.clone() }).unwrap();
+        check_invariants(&s);
+        for (b, pg) in before.iter().zip(&s.pool_by_name("p").unwrap().pgs) {
+            if suspect.iter().any(|(_, id)| *id == b.id) {
+                assert_eq!(pg.epoch, b.epoch + 1, "every change of the replica set bumps the epoch");
+                assert!(pg.syncing.contains(&a), "the suspect copy no longer counts as complete");
+                assert_ne!(pg.replicas[0].sds_id, a, "and is never primary");
+                assert_eq!(pg.replicas.len(), b.replicas.len(), "no copy is dropped");
+            } else {
+                assert_eq!(pg, b);
+            }
+        }
+        // Reporting again changes nothing: the copies are already being back-filled.
+        let snapshot = s.pool_by_name("p").unwrap().pgs.clone();
+        s.apply(&Command::ReportSuspectCopies { sds_id: a, pgs: suspect }).unwrap();
+        assert_eq!(s.pool_by_name("p").unwrap().pgs, snapshot);
+    }
+
+    #[test]
+    fn after_a_site_wide_cut_the_later_report_wins_and_one_copy_stays_complete() {
+        let mut s = cluster(2, false);
+        let (a, b) = (sds_id(&s, "s0"), sds_id(&s, "s1"));
+        s.apply(&Command::ReportSuspectCopies { sds_id: a, pgs: pgs_of(&s, a) }).unwrap();
+        s.apply(&Command::ReportSuspectCopies { sds_id: b, pgs: pgs_of(&s, b) }).unwrap();
+        check_invariants(&s);
+        for pg in &s.pool_by_name("p").unwrap().pgs {
+            assert_eq!(pg.in_sync().count(), 1, "exactly one authoritative copy: {pg:?}");
+            assert_eq!(pg.in_sync().next().unwrap().sds_id, b);
+            assert!(pg.syncing.contains(&a));
+        }
+    }
+
+    #[test]
+    fn a_suspect_copy_whose_partner_is_down_stays_complete() {
+        let mut s = cluster(2, false);
+        let (a, b) = (sds_id(&s, "s0"), sds_id(&s, "s1"));
+        s.apply(&Command::DeclareSdsDown { sds_id: b, unresponsive: vec![] }).unwrap();
+        let before = s.pool_by_name("p").unwrap().pgs.clone();
+        s.apply(&Command::ReportSuspectCopies { sds_id: a, pgs: pgs_of(&s, a) }).unwrap();
+        assert_eq!(s.pool_by_name("p").unwrap().pgs, before, "the only complete copy is never demoted");
+        assert!(s.apply(&Command::ReportSuspectCopies { sds_id: 999, pgs: vec![] }).is_err());
     }
 
     #[test]
