@@ -1,9 +1,10 @@
-//! The SDS process: registers with the MDM, opens (formatting on first use) its devices,
-//! renews its lease, follows map changes, and serves the data port.
+//! The SDS process: registers with the MDM, opens its devices in the background (found by
+//! their superblock; only new ones formatted: `devices.rs`), renews its lease, follows map
+//! changes, and serves the data port.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,8 @@ use tessera_proto::control::{ControlClient, ControlRequest, ControlResponse, Dev
 use tessera_proto::ClusterSecret;
 use tokio::net::TcpListener;
 
-use crate::device::{Device, DeviceError, FormatParams};
+use crate::device::Device;
+use crate::devices::{DeviceOpener, OpenRequest};
 use crate::map::MapView;
 use crate::server::{serve_connection, SdsState};
 
@@ -29,39 +31,12 @@ pub struct SdsConfig {
     pub rebuild_bytes_per_sec: u64,
 }
 
-/// Opens a device, formatting it first if it has never been formatted. A device holding
-/// another cluster's data, or another device's identity, is refused — never reformatted.
-fn open_or_format(path: &Path, device_id: u64, extent_size_bytes: u32, cluster_id: [u8; 16]) -> anyhow::Result<Device> {
-    let dev = match Device::open(path, cluster_id) {
-        Ok(d) => d,
-        Err(DeviceError::NotFormatted) => {
-            Device::format(path, &FormatParams { cluster_id, device_id, extent_size_bytes }, false)
-                .with_context(|| format!("formatting {}", path.display()))?;
-            tracing::info!(device_id, path = %path.display(), "formatted device");
-            Device::open(path, cluster_id).with_context(|| format!("opening {}", path.display()))?
-        }
-        Err(e) => return Err(anyhow!("opening {}: {e}", path.display())),
-    };
-    if dev.device_id() != device_id {
-        return Err(anyhow!(
-            "{} holds device {} but the MDM expects device {device_id} there",
-            path.display(),
-            dev.device_id()
-        ));
-    }
-    if dev.extent_size_bytes() != extent_size_bytes {
-        return Err(anyhow!(
-            "{} has extent size {} but its pool uses {extent_size_bytes}",
-            path.display(),
-            dev.extent_size_bytes()
-        ));
-    }
-    Ok(dev)
-}
-
-/// Fetches the map and brings devices in line with it: opens new ones (reporting their
-/// capacity), closes removed ones, and frees extents of removed volumes.
-async fn refresh(sds: &Arc<SdsState>, sds_id: u64) -> anyhow::Result<()> {
+/// Fetches the map and brings devices in line with it: starts opening new ones (in the
+/// background: see `devices.rs`), closes removed ones, and frees extents of removed volumes.
+///
+/// Never waits for a device open or format: the heartbeat loop awaits this, and an open of
+/// a large device (its whole slot table read) takes longer than the lease.
+async fn refresh(sds: &Arc<SdsState>, opener: &Arc<DeviceOpener>, sds_id: u64) -> anyhow::Result<()> {
     let view = sds.control.state().await?;
     let state = &view.state;
     // A failed device is closed and never reopened by this process: its PGs have moved.
@@ -72,28 +47,17 @@ async fn refresh(sds: &Arc<SdsState>, sds_id: u64) -> anyhow::Result<()> {
             continue;
         }
         let Some(pool) = state.pools.get(&d.pool_id) else { continue };
-        let (path, id, extent, cluster) = (d.path.clone(), d.id, pool.extent_size_bytes, sds.cluster_id);
-        match tokio::task::spawn_blocking(move || open_or_format(Path::new(&path), id, extent, cluster)).await? {
-            Ok(dev) => {
-                let capacity_bytes = dev.capacity_extents() * u64::from(dev.extent_size_bytes());
-                sds.devices.write().unwrap_or_else(|p| p.into_inner()).insert(d.id, Arc::new(dev));
-                if d.state == DeviceState::New {
-                    sds.control.execute(Command::DeviceReady { device_id: d.id, capacity_bytes }).await?;
-                }
-                tracing::info!(device_id = d.id, path = %d.path, capacity_bytes, "device in service");
-            }
-            Err(e) => {
-                tracing::error!(device_id = d.id, "device unusable: {e:#}");
-                // A device in service that cannot be opened is a failed device: report it so
-                // its PGs move to their other copies (found by the simulator, seed 19). A new
-                // device that never came up stays new, for the administrator to fix.
-                if d.state == DeviceState::Normal {
-                    if let Err(e) = sds.control.execute(Command::FailDevice { device_id: d.id }).await {
-                        tracing::error!(device_id = d.id, "reporting the unusable device: {e}");
-                    }
-                }
-            }
-        }
+        let other_paths =
+            state.devices_of_sds(sds_id).filter(|o| o.id != d.id).map(|o| PathBuf::from(&o.path)).collect();
+        opener.start(
+            sds,
+            OpenRequest {
+                device: d.clone(),
+                extent_size_bytes: pool.extent_size_bytes,
+                cluster_id: sds.cluster_id,
+                other_paths,
+            },
+        );
     }
     let wanted: HashSet<u64> = mine.iter().map(|d| d.id).collect();
     sds.devices.write().unwrap_or_else(|p| p.into_inner()).retain(|id, _| wanted.contains(id));
@@ -226,7 +190,7 @@ async fn probe_devices(sds: Arc<SdsState>) {
 /// Renews the lease every interval and follows map changes. The lease is extended only
 /// once this SDS's map is at least as new as the state the MDM acknowledged, so it never
 /// serves on a map older than the one current when its lease was granted.
-async fn heartbeat_loop(sds: Arc<SdsState>, heartbeat_client: ControlClient, sds_id: u64) {
+async fn heartbeat_loop(sds: Arc<SdsState>, opener: Arc<DeviceOpener>, heartbeat_client: ControlClient, sds_id: u64) {
     let interval = Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS);
     loop {
         let usage: Vec<DeviceUsage> = sds
@@ -241,7 +205,7 @@ async fn heartbeat_loop(sds: Arc<SdsState>, heartbeat_client: ControlClient, sds
         match heartbeat_client.request(&request).await {
             Ok(ControlResponse::Heartbeat(reply)) => {
                 if reply.state_version > sds.map().version {
-                    if let Err(e) = refresh(&sds, sds_id).await {
+                    if let Err(e) = refresh(&sds, &opener, sds_id).await {
                         tracing::warn!("map refresh failed: {e:#}");
                     }
                 }
@@ -255,13 +219,17 @@ async fn heartbeat_loop(sds: Arc<SdsState>, heartbeat_client: ControlClient, sds
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = sds.refresh.notified() => {
-                if let Err(e) = refresh(&sds, sds_id).await {
+                if let Err(e) = refresh(&sds, &opener, sds_id).await {
                     tracing::warn!("map refresh failed: {e:#}");
                 }
             }
         }
     }
 }
+
+/// How long start-up waits for device opens before the first heartbeat: well inside the
+/// lease, so a quick restart keeps it.
+pub const STARTUP_OPEN_WAIT: Duration = Duration::from_secs(2);
 
 pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
     let control = ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone());
@@ -278,14 +246,21 @@ pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
             .await?;
     }
     let sds = Arc::new(SdsState::new(cfg.secret.clone(), cfg.cluster_id, control));
-    refresh(&sds, me.id).await.context("opening devices")?;
+    let opener = Arc::new(DeviceOpener::default());
+    refresh(&sds, &opener, me.id).await.context("fetching this SDS's devices")?;
+    // Give small devices the chance to open before the first heartbeat, so a restarted SDS
+    // comes back with them; a large one keeps opening in the background rather than cost
+    // the lease (the MDM may still count one from before a quick restart).
+    if !opener.wait_idle(STARTUP_OPEN_WAIT).await {
+        tracing::info!(opening = opener.in_flight(), "devices still opening; serving the others meanwhile");
+    }
     tracing::info!(name = %cfg.name, id = me.id, addr = %cfg.listen, "SDS serving");
     // Heartbeats use their own connection and give up quickly: an SDS cut off from the MDM
     // must let its lease lapse, not wait behind retries.
     let mut heartbeat_client = ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone());
     heartbeat_client.retry_for = Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS);
     sds.rebuilds.bytes_per_sec.store(cfg.rebuild_bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
-    tokio::spawn(heartbeat_loop(sds.clone(), heartbeat_client, me.id));
+    tokio::spawn(heartbeat_loop(sds.clone(), opener, heartbeat_client, me.id));
     tokio::spawn(map_watcher(sds.clone(), ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone())));
     tokio::spawn(crate::rebuild::scheduler(sds.clone()));
     tokio::spawn(probe_devices(sds.clone()));

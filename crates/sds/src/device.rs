@@ -86,6 +86,7 @@
 //!   metadata write, which fails the device) quarantined until reopen.
 
 mod error;
+pub mod identity;
 mod layout;
 mod sys;
 

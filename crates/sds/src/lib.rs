@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod device;
+pub mod devices;
 pub mod map;
 pub mod range_lock;
 pub mod rebuild;
