@@ -75,8 +75,12 @@ fn parse_target(word: &str) -> Result<Target, String> {
     parse_file(word).map(Target::File)
 }
 
-/// A file name of the flat mount: no path separators, not `.` or `..`.
+/// A file name of the flat mount: no path separators, not `.` or `..`, and
+/// not `*`, which means every file where a command allows it.
 pub fn parse_file(word: &str) -> Result<String, String> {
+    if word == "*" {
+        return Err("this command takes one file, not *".to_string());
+    }
     if word.is_empty() || word == "." || word == ".." || word.contains('/') || word.contains('\0') {
         return Err(format!("bad file name {word:?}: a plain name in the mount is expected"));
     }
