@@ -367,6 +367,7 @@ impl Admin {
                             "sds": sds.map(|x| &x.name),
                             "sds_id": d.sds_id,
                             "path": d.path,
+                            "stable_path": d.stable_path,
                             "protection_domain": pool.and_then(|p| s.protection_domains.get(&p.pd_id)).map(|p| &p.name),
                             "pool": pool.map(|p| &p.name),
                             "pool_id": d.pool_id,
@@ -391,7 +392,12 @@ impl Admin {
                                 text("sds"),
                                 text("protection_domain"),
                                 text("pool"),
-                                d.path.clone(),
+                                // The stable name follows the disk across boots; the
+                                // path is where the SDS last found it.
+                                match &d.stable_path {
+                                    Some(stable) => format!("{} ({stable})", d.path),
+                                    None => d.path.clone(),
+                                },
                                 format!("{:?}", d.state).to_lowercase(),
                                 format_size(d.capacity_bytes),
                             ]
