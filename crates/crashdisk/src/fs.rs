@@ -24,10 +24,10 @@ use crate::cache::ZeroKind;
 use crate::state::{Node, State, ROOT_INO};
 
 /// What the kernel may send in one write; big, so the SDS's large writes
-/// arrive as one op rather than many 128 KiB pieces. One page more than
-/// 1 MiB: fuser sizes max_pages from it, and a direct-I/O write of 1 MiB from
-/// a buffer that is not page-aligned spans 257 pages.
-pub const MAX_WRITE_BYTES: u32 = (1 << 20) + 4096;
+/// arrive as one op rather than many 128 KiB pieces. The kernel also caps a
+/// request at max_pages (256 at most, /proc/sys/fs/fuse/max_pages_limit), so
+/// a direct-I/O write of 1 MiB arrives whole only from a page-aligned buffer.
+pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 /// Largest read answered in one reply; the kernel asks no more than
 /// max_write/max_pages allow, this only guards the allocation.
 const MAX_READ_BYTES: u32 = 16 << 20;

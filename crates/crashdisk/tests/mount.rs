@@ -270,7 +270,19 @@ fn nix_statfs(path: &Path) -> u64 {
 fn a_one_mib_write_arrives_as_one_op() {
     let fx = Fixture::new();
     let file = fx.open("d1");
-    file.write_all_at(&vec![NEW; 1 << 20], 0).unwrap();
+    // Page-aligned, as an O_DIRECT user's buffer is: the kernel caps a request
+    // at 256 pages, and an unaligned 1 MiB buffer spans 257.
+    let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
+    // SAFETY: a non-zero-sized layout; the memory is zeroed, freed below with the same layout.
+    let buffer = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buffer.is_null());
+    // SAFETY: `buffer` holds `layout.size()` initialised bytes until dealloc.
+    let aligned = unsafe { std::slice::from_raw_parts_mut(buffer, layout.size()) };
+    aligned.fill(NEW);
+    let result = file.write_all_at(aligned, 0);
+    // SAFETY: allocated above with this layout, no reference to it remains.
+    unsafe { std::alloc::dealloc(buffer, layout) };
+    result.unwrap();
     let stats = fx.disk().stats("d1").unwrap();
     assert_eq!((stats.pending_ops, stats.pending_bytes), (1, 1 << 20), "max_write is 1 MiB");
 }
