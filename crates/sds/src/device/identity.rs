@@ -411,7 +411,7 @@ mod tests {
         // the other device's superblock.
         let other = Superblock::plan(CLUSTER, 6, EXTENT, 64 << 20).unwrap();
         let recorded = write("recorded", &other.encode());
-        let found = locate(&expected(true), &recorded, &[good.clone()]);
+        let found = locate(&expected(true), &recorded, std::slice::from_ref(&good));
         assert_eq!(found, vec![(good.clone(), tessera(CLUSTER, 5))]);
         // A hard link is the same file, not a second copy.
         std::fs::hard_link(&good, dir.join("good-link")).unwrap();
