@@ -307,3 +307,40 @@ fn stopping_the_daemon_unmounts() {
     fx.disk.as_mut().unwrap().stop();
     assert!(!tessera_crashdisk::client::is_mounted(&mount));
 }
+
+#[test]
+fn stopping_the_daemon_answers_a_hung_write_instead_of_leaving_it_blocked() {
+    let mut fx = Fixture::new();
+    fx.disk().hang("d1").unwrap();
+    let file = fx.open("d1");
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let write = file.write_all_at(&[NEW; 512], 0);
+        done_tx.send(write.is_ok()).unwrap();
+    });
+    assert!(done_rx.recv_timeout(Duration::from_millis(300)).is_err(), "the write must hang");
+    fx.disk.as_mut().unwrap().stop();
+    let succeeded = done_rx.recv_timeout(Duration::from_secs(10)).expect("the hung write is answered at shutdown");
+    assert!(!succeeded, "a write parked at shutdown fails (EIO or ENOTCONN)");
+}
+
+#[test]
+fn the_size_users_see_follows_the_cache_and_the_cut() {
+    use std::io::{Seek, SeekFrom};
+    let fx = Fixture::new();
+    let mut file = fx.open("d2");
+    file.write_all_at(&[NEW; 4096], DISK_BYTES as u64).unwrap();
+    assert_eq!(file.seek(SeekFrom::End(0)).unwrap(), DISK_BYTES as u64 + 4096, "the SDS sizes a device by SEEK_END");
+    fx.disk().cut("d2").unwrap();
+    assert_eq!(file.seek(SeekFrom::End(0)).unwrap(), DISK_BYTES as u64, "the unsynced growth is gone");
+    assert_eq!(std::fs::metadata(fx.disk().path("d2")).unwrap().len(), DISK_BYTES as u64);
+}
+
+#[test]
+fn the_truncate_tool_sizes_a_disk() {
+    let fx = Fixture::new();
+    let path = fx.disk().path("big");
+    let status = std::process::Command::new("truncate").arg("-s").arg("4G").arg(&path).status().unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 30);
+}
