@@ -1,6 +1,6 @@
 //! The daemon: arguments, the mount, the control socket, shutdown on a signal.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -145,20 +145,31 @@ fn serve_connection(stream: UnixStream, state: &SharedState) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        if line.last() != Some(&b'\n') {
-            if line.len() >= MAX_LINE_BYTES {
-                let _ = writeln!(writer, "error line longer than {MAX_LINE_BYTES} bytes");
-            }
+        let complete = line.last() == Some(&b'\n');
+        if !complete && line.len() >= MAX_LINE_BYTES {
+            let _ = writeln!(writer, "error line longer than {MAX_LINE_BYTES} bytes");
+            discard_rest(&mut reader, &writer);
             return;
         }
         let reply = match std::str::from_utf8(&line) {
             Ok(text) => answer(text.trim_end_matches(['\n', '\r']), state),
             Err(_) => "error command is not UTF-8".to_string(),
         };
-        if writeln!(writer, "{reply}").is_err() {
+        // A last line without its newline (the peer closed) is still answered.
+        if writeln!(writer, "{reply}").is_err() || !complete {
             return;
         }
     }
+}
+
+/// Reads and drops what the peer still sends, a bounded amount, so that
+/// closing with unread input does not reset the connection before the peer
+/// has read the error reply.
+fn discard_rest(reader: &mut BufReader<UnixStream>, writer: &UnixStream) {
+    const MAX_DISCARD_BYTES: u64 = 1 << 20;
+    let _ = writer.shutdown(std::net::Shutdown::Write);
+    let _ = writer.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = io::copy(&mut reader.by_ref().take(MAX_DISCARD_BYTES), &mut io::sink());
 }
 
 fn answer(line: &str, state: &SharedState) -> String {
