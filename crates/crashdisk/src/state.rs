@@ -3,6 +3,9 @@
 //!
 //! One mutex guards all of it (see `fs`): the FUSE session thread and the
 //! control threads each hold it for one short step, and never across a wait.
+//!
+//! A parked op has not reached the disk: a cut leaves parked ops alone, and
+//! they run (against the fault rules of that moment) on `release`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};

@@ -344,3 +344,22 @@ fn the_truncate_tool_sizes_a_disk() {
     assert!(status.success());
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 30);
 }
+
+#[test]
+fn hung_fdatasync_is_parked_and_makes_the_data_durable_on_release() {
+    let fx = Fixture::new();
+    let file = fx.open("d1");
+    file.write_all_at(&[NEW; 4096], 0).unwrap();
+    fx.disk().hang("d1").unwrap();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        done_tx.send(fdatasync(&file).map_err(|e| e.to_string())).unwrap();
+    });
+    assert!(done_rx.recv_timeout(Duration::from_millis(300)).is_err(), "the fdatasync must hang");
+    let stats = fx.disk().stats("d1").unwrap();
+    assert_eq!((stats.parked_ops, stats.pending_ops, stats.syncs), (1, 1, 0), "{stats:?}");
+    assert_eq!(fx.disk().release("d1").unwrap(), 1);
+    done_rx.recv_timeout(Duration::from_secs(10)).expect("the fdatasync completes after release").unwrap();
+    fx.disk().cut_all().unwrap();
+    assert_eq!(read(&fx.open("d1"), 0, 4096), vec![NEW; 4096]);
+}
