@@ -264,6 +264,7 @@ pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
     tokio::spawn(map_watcher(sds.clone(), ControlClient::new(cfg.mdm_addresses.clone(), cfg.secret.clone())));
     tokio::spawn(crate::rebuild::scheduler(sds.clone()));
     tokio::spawn(probe_devices(sds.clone()));
+    tokio::spawn(crate::intent::clean_loop(sds.clone()));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

@@ -35,7 +35,8 @@
 //! | bytes  | field        | type | meaning                                                    |
 //! |--------|--------------|------|------------------------------------------------------------|
 //! | 0      | state        | u8   | 1 = free, 2 = used (0 only in an all-zero record)          |
-//! | 1..4   | reserved     |      | zero                                                       |
+//! | 1      | flags        | u8   | bit 0 = dirty (used records; see "Write intent")           |
+//! | 2..4   | reserved     |      | zero                                                       |
 //! | 4..8   | pg_id        | u32  | placement group of the extent (used)                       |
 //! | 8..16  | slot_index   | u64  | this record's own slot number: catches misdirected writes  |
 //! | 16..24 | volume_id    | u64  | (used)                                                     |
@@ -68,6 +69,23 @@
 //! Data writes are not durable until `flush` (or `durable = true`, FUA), matching the
 //! block-device contract the SDC exports.
 //!
+//! # Write intent (why the copies agree after a crash)
+//! A write may sit in the disk's volatile cache until a flush, on each copy independently,
+//! so a power cut can leave the two copies of an extent holding different subsets of the
+//! unflushed writes. Every used record therefore carries a *dirty* bit, md's write-intent
+//! bitmap at extent granularity: before the first write into a clean slot the record is
+//! rewritten dirty and made durable (allocation writes it dirty to begin with, at no extra
+//! cost). A slot becomes clean again only when [`Device::clean_idle_slots`] finds it
+//! unwritten for a whole cleaning round and covered by a completed flush, under the slot's
+//! exclusive lock (so no write is in flight). After a crash, the slots found dirty on open
+//! are exactly those whose copies may disagree ([`Device::suspect_pgs`]); the SDS reports
+//! their PGs before it serves the device, and the MDM has them back-filled from one
+//! authoritative copy (`tessera_core::Command::ReportSuspectCopies`).
+//!
+//! Cost on the write path: one record write and fdatasync on the first write into an extent
+//! after it went idle — amortised over every later write while it stays hot, and none at
+//! all for a new extent, whose allocation already syncs a record.
+//!
 //! # Concurrency and lock order
 //! - `index` (RwLock): extent → slot map, free list, generation counter. Held only for
 //!   in-memory work, never across IO.
@@ -91,11 +109,12 @@ mod layout;
 mod sys;
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use error::DeviceError;
 use layout::{extent_size_is_valid, SlotRecord, Superblock, FIRST_GENERATION};
@@ -167,6 +186,25 @@ pub struct Device {
     index: RwLock<Index>,
     /// Lock and current owner of each slot, indexed by slot number.
     slots: Box<[RwLock<Option<SlotOwner>>]>,
+    /// Per slot: the slot's durable record says dirty (see "Write intent"). Set only after
+    /// the dirty record is durable; cleared only under the slot's exclusive lock.
+    dirty: Box<[AtomicBool]>,
+    /// Per slot: `write_seq` of the last write that completed into it, stored before the
+    /// writer releases the slot lock.
+    last_write_seq: Box<[AtomicU64]>,
+    /// Counts completed writes. A flush that read value `s` before its fdatasync makes every
+    /// write numbered `<= s` durable.
+    write_seq: AtomicU64,
+    /// Highest `s` a completed flush made durable.
+    durable_seq: AtomicU64,
+    /// `write_seq` when the previous cleaning round began: only slots written no later
+    /// than that are idle enough to clean, so hot extents are not cleaned and re-marked.
+    clean_watermark: AtomicU64,
+    /// Serialises the record writes that mark slots dirty.
+    intent_lock: Mutex<()>,
+    /// Extents whose record was dirty when the device was opened, with their PGs: their
+    /// copies may disagree after the crash that left them so.
+    suspect_at_open: Vec<(ExtentKey, u32)>,
     /// Set by any IO error (read, write, sync) or a missed deadline, and never cleared:
     /// after a failed metadata write memory and disk may disagree, and after a failed data
     /// write or sync the device may have lost acknowledged data that no later sync brings
@@ -261,14 +299,22 @@ impl Device {
         }
         superblock.validate(size_bytes)?;
 
-        let (index, owners) = Self::load_slot_table(path, &file, &superblock)?;
+        let (index, owners, dirty_flags) = Self::load_slot_table(path, &file, &superblock)?;
+        let suspect_at_open: Vec<(ExtentKey, u32)> = owners
+            .iter()
+            .zip(&dirty_flags)
+            .filter(|(_, d)| **d)
+            .filter_map(|(o, _)| o.map(|o| (o.key, o.pg_id)))
+            .collect();
         tracing::info!(
             path = %path.display(),
             device_id = superblock.device_id,
             slot_count = superblock.slot_count,
             used_extents = index.used_extents,
+            suspect_extents = suspect_at_open.len(),
             "opened device"
         );
+        let slot_count = owners.len();
         let slots = owners.into_iter().map(RwLock::new).collect();
         Ok(Device {
             path: path.to_path_buf(),
@@ -277,6 +323,13 @@ impl Device {
             superblock,
             index: RwLock::new(index),
             slots,
+            dirty: dirty_flags.into_iter().map(AtomicBool::new).collect(),
+            last_write_seq: (0..slot_count).map(|_| AtomicU64::new(0)).collect(),
+            write_seq: AtomicU64::new(0),
+            durable_seq: AtomicU64::new(0),
+            clean_watermark: AtomicU64::new(0),
+            intent_lock: Mutex::new(()),
+            suspect_at_open,
             failed: AtomicBool::new(false),
         })
     }
@@ -285,10 +338,11 @@ impl Device {
         path: &Path,
         file: &File,
         superblock: &Superblock,
-    ) -> Result<(Index, Vec<Option<SlotOwner>>), DeviceError> {
+    ) -> Result<(Index, Vec<Option<SlotOwner>>, Vec<bool>), DeviceError> {
         // validate() bounded slot_count by MAX_SLOT_COUNT, so these allocations are bounded.
         let slot_count = superblock.slot_count as usize;
         let mut owners = vec![None; slot_count];
+        let mut dirty_flags = vec![false; slot_count];
         let mut by_key: BTreeMap<ExtentKey, Mapping> = BTreeMap::new();
         let mut max_generation = 0u64;
         let table_bytes = superblock.slot_table_bytes();
@@ -303,7 +357,8 @@ impl Device {
             for raw in buf.chunks_exact(SLOT_RECORD_SIZE_BYTES as usize) {
                 let record = SlotRecord::decode(slot, raw)?;
                 max_generation = max_generation.max(record.generation());
-                if let SlotRecord::Used { key, pg_id, generation } = record {
+                if let SlotRecord::Used { key, pg_id, generation, dirty } = record {
+                    dirty_flags[slot as usize] = dirty;
                     let mapping = Mapping { slot, pg_id, generation, durable: true };
                     if let Some(first) = by_key.insert(key, mapping) {
                         return Err(DeviceError::DuplicateExtent { key, first_slot: first.slot, second_slot: slot });
@@ -321,7 +376,7 @@ impl Device {
         assert_eq!(free_slots.len() as u64 + used_extents, superblock.slot_count);
         let index =
             Index { by_key, free_slots, next_generation: (max_generation + 1).max(FIRST_GENERATION), used_extents };
-        Ok((index, owners))
+        Ok((index, owners, dirty_flags))
     }
 
     pub fn path(&self) -> &Path {
@@ -394,6 +449,7 @@ impl Device {
                     Some(owner) if owner.key == key => {
                         // The shared slot lock is held across the data IO: the slot cannot be
                         // freed or reused under this write.
+                        self.mark_dirty(mapping.slot, owner, mapping.generation)?;
                         self.write_data(mapping.slot, offset_in_extent, data, durable)?;
                         return Ok(false);
                     }
@@ -447,6 +503,7 @@ impl Device {
         mapping.durable = true;
         index.used_extents += 1;
         drop(index);
+        self.dirty[slot as usize].store(true, Ordering::Release);
         // Still holding the slot exclusively: concurrent writers of this extent wait, and
         // see the data in order after ours.
         self.write_data(slot, offset_in_extent, data, durable)?;
@@ -459,21 +516,111 @@ impl Device {
         sys::zero_range(&self.file, self.superblock.slot_data_offset(slot), extent_bytes)
             .map_err(self.io_error("zero new slot"))?;
         self.file.sync_data().map_err(self.io_error("sync zeroed slot"))?;
-        let record = SlotRecord::Used { key, pg_id, generation }.encode(slot);
+        // Written dirty: the first data write follows at once, and costs no second sync.
+        let record = SlotRecord::Used { key, pg_id, generation, dirty: true }.encode(slot);
         self.file
             .write_all_at(&record, self.superblock.slot_record_offset(slot))
             .map_err(self.io_error("write slot record"))?;
         self.file.sync_data().map_err(self.io_error("sync slot record"))
     }
 
-    /// Writes into a slot the caller holds (shared or exclusive) for its current owner.
+    /// Writes into a slot the caller holds (shared or exclusive) for its current owner,
+    /// whose record is already dirty.
     fn write_data(&self, slot: u64, offset_in_extent: u32, data: &[u8], durable: bool) -> Result<(), DeviceError> {
+        debug_assert!(self.dirty[slot as usize].load(Ordering::Acquire), "write into a clean slot");
         let position = self.data_position(slot, offset_in_extent, data.len() as u64);
         self.file.write_all_at(data, position).map_err(self.io_error("write data"))?;
         if durable {
             self.file.sync_data().map_err(self.io_error("sync data (FUA)"))?;
         }
+        self.note_write(slot);
         Ok(())
+    }
+
+    /// Records a completed write into `slot`; the caller still holds the slot's lock.
+    fn note_write(&self, slot: u64) {
+        let seq = self.write_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        self.last_write_seq[slot as usize].fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Makes `slot`'s record durably dirty before a write into it (see "Write intent"). The
+    /// caller holds the slot lock shared, so the cleaner (which takes it exclusively) cannot
+    /// clean it again before the write lands.
+    fn mark_dirty(&self, slot: u64, owner: SlotOwner, generation: u64) -> Result<(), DeviceError> {
+        let flag = &self.dirty[slot as usize];
+        if flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _intent = self.intent_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let record = SlotRecord::Used { key: owner.key, pg_id: owner.pg_id, generation, dirty: true }.encode(slot);
+        self.file
+            .write_all_at(&record, self.superblock.slot_record_offset(slot))
+            .map_err(self.io_error("mark slot dirty"))?;
+        self.file.sync_data().map_err(self.io_error("sync dirty mark"))?;
+        flag.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// PGs with an extent that was dirty when the device was opened: their copies may
+    /// disagree, and must be reported before this device serves anything.
+    pub fn suspect_pgs(&self) -> BTreeSet<u32> {
+        self.suspect_at_open.iter().map(|(_, pg)| *pg).collect()
+    }
+
+    /// How many slots are dirty now.
+    pub fn dirty_extents(&self) -> u64 {
+        self.dirty.iter().filter(|d| d.load(Ordering::Relaxed)).count() as u64
+    }
+
+    /// One cleaning round: flushes the device, then marks clean (durably) up to
+    /// `max_slots` dirty slots that no write touched since the previous round and that the
+    /// flush covered. Slots in use by a write are skipped (their lock is only tried), so this
+    /// never waits on IO. Returns how many slots it cleaned.
+    pub fn clean_idle_slots(&self, max_slots: usize) -> Result<u64, DeviceError> {
+        self.check_usable()?;
+        let idle_through = self.clean_watermark.swap(self.write_seq.load(Ordering::Acquire), Ordering::AcqRel);
+        self.flush()?;
+        let limit = idle_through.min(self.durable_seq.load(Ordering::Acquire));
+        let candidates: Vec<(u64, u64)> = {
+            let index = read_lock(&self.index);
+            index
+                .by_key
+                .values()
+                .filter(|m| m.durable && self.dirty[m.slot as usize].load(Ordering::Acquire))
+                .filter(|m| self.last_write_seq[m.slot as usize].load(Ordering::Acquire) <= limit)
+                .map(|m| (m.slot, m.generation))
+                .take(max_slots)
+                .collect()
+        };
+        let mut held = Vec::with_capacity(candidates.len());
+        for (slot, generation) in candidates {
+            let Ok(guard) = self.slots[slot as usize].try_write() else { continue };
+            let Some(owner) = *guard else { continue };
+            // Re-checked under the exclusive lock: no write can start or be in flight now.
+            if self.dirty[slot as usize].load(Ordering::Acquire)
+                && self.last_write_seq[slot as usize].load(Ordering::Acquire) <= limit
+            {
+                held.push((slot, owner, generation, guard));
+            }
+        }
+        if held.is_empty() {
+            return Ok(0);
+        }
+        for (slot, owner, generation, _) in &held {
+            let record = SlotRecord::Used { key: owner.key, pg_id: owner.pg_id, generation: *generation, dirty: false }
+                .encode(*slot);
+            self.file
+                .write_all_at(&record, self.superblock.slot_record_offset(*slot))
+                .map_err(self.io_error("mark slot clean"))?;
+        }
+        self.file.sync_data().map_err(self.io_error("sync clean marks"))?;
+        for (slot, _, _, _) in &held {
+            self.dirty[*slot as usize].store(false, Ordering::Release);
+        }
+        Ok(held.len() as u64)
     }
 
     /// Makes a range read as zeros. Zeroing a whole extent frees its slot (durably).
@@ -489,12 +636,16 @@ impl Device {
             let Some(mapping) = self.lookup(key) else {
                 return Ok(()); // unallocated: already reads as zeros
             };
-            let owner = read_lock(&self.slots[mapping.slot as usize]);
-            if owner.map(|o| o.key) != Some(key) {
+            let guard = read_lock(&self.slots[mapping.slot as usize]);
+            let Some(owner) = *guard else { continue };
+            if owner.key != key {
                 continue;
             }
+            self.mark_dirty(mapping.slot, owner, mapping.generation)?;
             let position = self.data_position(mapping.slot, offset_in_extent, u64::from(len));
-            return sys::zero_range(&self.file, position, u64::from(len)).map_err(self.io_error("zero range"));
+            sys::zero_range(&self.file, position, u64::from(len)).map_err(self.io_error("zero range"))?;
+            self.note_write(mapping.slot);
+            return Ok(());
         }
     }
 
@@ -525,7 +676,10 @@ impl Device {
     /// Everything written before this call is durable when it returns.
     pub fn flush(&self) -> Result<(), DeviceError> {
         self.check_usable()?;
-        self.file.sync_data().map_err(self.io_error("flush"))
+        let covered = self.write_seq.load(Ordering::Acquire);
+        self.file.sync_data().map_err(self.io_error("flush"))?;
+        self.durable_seq.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Allocated extent indexes of a volume, ascending.
@@ -648,6 +802,8 @@ impl Device {
             let removed = index.by_key.remove(key);
             assert!(matches!(removed, Some(m) if m.slot == *slot && m.durable), "index disagrees with slot {slot}");
             **guard = None;
+            // The free record is durable: nothing of this slot can disagree any more.
+            self.dirty[*slot as usize].store(false, Ordering::Release);
             index.free_slots.push(*slot);
             index.used_extents -= 1;
         }

@@ -151,6 +151,12 @@ async fn bring_up(sds: &Arc<SdsState>, req: OpenRequest) -> bool {
     };
     let Opened { device, path, stable_path } = opened;
     let capacity_bytes = device.capacity_extents() * u64::from(device.extent_size_bytes());
+    // Copies that may disagree with their partners (extents left dirty by a crash) are
+    // reported, and the outcome installed, before the device serves anything.
+    if let Err(e) = crate::intent::settle_suspect_copies(sds, req.device.sds_id, req.device.pool_id, &device).await {
+        tracing::error!(device_id, "device not put into service: {e:#}");
+        return false;
+    }
     sds.devices.write().unwrap_or_else(|p| p.into_inner()).insert(device_id, Arc::new(device));
 
     let path_text = path.to_str().map(str::to_string);

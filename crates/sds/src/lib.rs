@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod device;
 pub mod devices;
+pub mod intent;
 pub mod map;
 pub mod range_lock;
 pub mod rebuild;

@@ -452,7 +452,18 @@ impl SdsState {
         };
         let mut flushes = Vec::new();
         let mut result = status::OK;
-        for dev in self.all_devices() {
+        let open = self.all_devices();
+        // A device the map places copies on that is not open (still opening after a
+        // restart, its suspect copies not yet settled, or unusable and not yet re-peered)
+        // may hold writes this flush must cover: nothing can be promised for it.
+        let my_copies =
+            map.pools.values().flat_map(|p| &p.pgs).flat_map(|g| &g.replicas).filter(|r| r.sds_id == map.sds_id);
+        for r in my_copies {
+            if !open.iter().any(|d| d.device_id() == r.device_id) {
+                return status::NOT_READY;
+            }
+        }
+        for dev in open {
             if dev.is_failed() {
                 if holds_copies(dev.device_id()) {
                     self.report_device_failure(dev.device_id());

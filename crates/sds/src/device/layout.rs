@@ -46,6 +46,11 @@ const SB_DATA_OFFSET: std::ops::Range<usize> = 56..64;
 const SB_CHECKSUM: std::ops::Range<usize> = 64..68;
 
 const REC_STATE: usize = 0;
+/// Bit flags of a used record (byte 1, zero in records written before flags existed).
+const REC_FLAGS: usize = 1;
+/// The slot was written since it was last known durable and in agreement with its partner
+/// copies: after a crash its copies may differ, so it is suspect until resynced.
+const FLAG_DIRTY: u8 = 1;
 const REC_PG_ID: std::ops::Range<usize> = 4..8;
 const REC_SLOT_INDEX: std::ops::Range<usize> = 8..16;
 const REC_VOLUME_ID: std::ops::Range<usize> = 16..24;
@@ -234,8 +239,9 @@ pub enum SlotRecord {
     /// Freed at `generation`. Free records are kept (not zeroed) so that the highest
     /// generation ever handed out survives a restart even after its extent is freed.
     Free { generation: u64 },
-    /// Holds `key`, allocated at `generation`.
-    Used { key: ExtentKey, pg_id: u32, generation: u64 },
+    /// Holds `key`, allocated at `generation`; `dirty`: written since last made clean
+    /// (see "Write intent" in `device.rs`).
+    Used { key: ExtentKey, pg_id: u32, generation: u64, dirty: bool },
 }
 
 impl SlotRecord {
@@ -256,8 +262,9 @@ impl SlotRecord {
                 rec[REC_STATE] = STATE_FREE;
                 rec[REC_GENERATION].copy_from_slice(&generation.to_le_bytes());
             }
-            SlotRecord::Used { key, pg_id, generation } => {
+            SlotRecord::Used { key, pg_id, generation, dirty } => {
                 rec[REC_STATE] = STATE_USED;
+                rec[REC_FLAGS] = if dirty { FLAG_DIRTY } else { 0 };
                 rec[REC_PG_ID].copy_from_slice(&pg_id.to_le_bytes());
                 rec[REC_VOLUME_ID].copy_from_slice(&key.volume_id.to_le_bytes());
                 rec[REC_EXTENT_INDEX].copy_from_slice(&key.extent_index.to_le_bytes());
@@ -290,10 +297,14 @@ impl SlotRecord {
         }
         match rec[REC_STATE] {
             STATE_FREE => Ok(SlotRecord::Free { generation }),
+            STATE_USED if rec[REC_FLAGS] & !FLAG_DIRTY != 0 => {
+                corrupt(format!("unknown flags {:#04x}", rec[REC_FLAGS]))
+            }
             STATE_USED => Ok(SlotRecord::Used {
                 key: ExtentKey { volume_id: le_u64(rec, REC_VOLUME_ID), extent_index: le_u64(rec, REC_EXTENT_INDEX) },
                 pg_id: le_u32(rec, REC_PG_ID),
                 generation,
+                dirty: rec[REC_FLAGS] & FLAG_DIRTY != 0,
             }),
             other => corrupt(format!("unknown state {other}")),
         }
@@ -317,8 +328,14 @@ mod tests {
     #[test]
     fn records_round_trip_and_reject_damage() {
         let key = ExtentKey { volume_id: 3, extent_index: 9 };
-        let rec = SlotRecord::Used { key, pg_id: 5, generation: 42 }.encode(11);
-        assert_eq!(SlotRecord::decode(11, &rec).unwrap(), SlotRecord::Used { key, pg_id: 5, generation: 42 });
+        for dirty in [false, true] {
+            let rec = SlotRecord::Used { key, pg_id: 5, generation: 42, dirty }.encode(11);
+            assert_eq!(
+                SlotRecord::decode(11, &rec).unwrap(),
+                SlotRecord::Used { key, pg_id: 5, generation: 42, dirty }
+            );
+        }
+        let rec = SlotRecord::Used { key, pg_id: 5, generation: 42, dirty: false }.encode(11);
         assert!(matches!(SlotRecord::decode(12, &rec), Err(DeviceError::CorruptSlot { slot: 12, .. })));
         let mut bad = rec;
         bad[20] ^= 1;
