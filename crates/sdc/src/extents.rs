@@ -70,7 +70,7 @@ pub fn pool_sds_ids(pool: &StoragePool) -> BTreeSet<u64> {
 
 /// Decodes a `LIST_EXTENTS` reply payload: extent indexes, u64 LE each.
 pub fn decode_extent_list(payload: &[u8]) -> Result<Vec<u64>, ListError> {
-    if payload.len() % EXTENT_INDEX_BYTES != 0 {
+    if !payload.len().is_multiple_of(EXTENT_INDEX_BYTES) {
         return Err(ListError::Malformed(payload.len()));
     }
     Ok(payload

@@ -112,6 +112,83 @@ fn counts_survive_a_restart_of_the_volume_service() {
     assert!(findmnt_source(&mountpoint).is_none());
 }
 
+/// The whole volume, read through a fresh mapping to sdc-1 (then unmapped again).
+fn read_volume(c: &Cluster, name: &str) -> Vec<u8> {
+    let uri = c.map(name);
+    let copy = c.dir.join(format!("{name}.raw"));
+    tool_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, copy.to_str().unwrap()]);
+    c.ok(&["volume", "unmap", name]);
+    let bytes = std::fs::read(&copy).unwrap_or_else(|e| panic!("reading {}: {e}", copy.display()));
+    std::fs::remove_file(&copy).ok();
+    bytes
+}
+
+/// A database wrote the raw device: zeros where filesystems keep their magic, its data at
+/// 8 MiB. The first 64 KiB read blank, but the cluster holds written extents: the volume
+/// service refuses to format it, says so in one line, and changes nothing.
+#[test]
+fn mount_refuses_to_format_a_raw_written_volume() {
+    let c = Cluster::start(3);
+    // The admin CLI creates a volume without formatting it (the volume service's create
+    // formats at creation).
+    c.create_volume("rawdb", "16MiB");
+    let uri = c.map("rawdb");
+    let pattern = random_bytes(0x7e55e7a, MIB as usize);
+    let pattern_file = c.dir.join("pattern");
+    std::fs::write(&pattern_file, &pattern).expect("pattern file");
+    // Plain NBD writes: zeros over the first 64 KiB, the pattern at 8 MiB.
+    let at = format!("write -s {} 8M 1M", pattern_file.display());
+    tool_ok("qemu-io", &["-f", "raw", "-c", "write -P 0 0 64K", "-c", &at, "-c", "flush", &uri]);
+    c.ok(&["volume", "unmap", "rawdb"]);
+    let before = read_volume(&c, "rawdb");
+    assert_zeros("the first 64 KiB as written", &before[..64 * KIB as usize]);
+
+    let out = c.cli(&["volume", "mount", "rawdb", "--id", "db"]);
+    assert!(!out.status.success(), "a written volume was mounted: {}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("volume rawdb holds data (")
+            && err.contains("extents written) but no ext4, xfs or btrfs filesystem; refusing to format it"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "one error line: {err}");
+
+    // Nothing changed: not mounted, no reference, not mapped or attached any more.
+    assert!(findmnt_source(&c.dir.join("volumes/rawdb")).is_none(), "mounted after the refusal");
+    assert!(refs(&c).get("rawdb").is_none_or(|r| r.as_array().is_some_and(|a| a.is_empty())), "{}", refs(&c));
+    let show = c.json(&["volume", "show", "rawdb"]);
+    assert!(show["mapped_sdcs"].as_array().is_some_and(|m| m.is_empty()), "left mapped: {show:#}");
+    assert!(!c.dir.join("volume-service/attachments/rawdb.json").exists(), "left attached");
+    // The data is intact, byte for byte, and no filesystem signature was written.
+    let after = read_volume(&c, "rawdb");
+    assert_same_bytes("the volume after the refused mount", &before, &after);
+    assert_same_bytes("the pattern at 8 MiB", &pattern, &after[8 * MIB as usize..9 * MIB as usize]);
+    assert_zeros("the first 64 KiB", &after[..64 * KIB as usize]);
+    let copy = c.dir.join("after.raw");
+    std::fs::write(&copy, &after).expect("copy");
+    let blkid = run(tool("blkid").args(["-p", copy.to_str().unwrap()]), TOOL_TIMEOUT);
+    assert_eq!(blkid.status.code(), Some(2), "blkid found a signature: {}", describe(&blkid));
+}
+
+/// A volume created without a filesystem (the admin CLI) and never written is formatted by
+/// its first mount; once it holds a filesystem it is mounted as it is, never formatted again.
+#[test]
+fn mount_formats_a_volume_that_was_never_written() {
+    let c = Cluster::start(3);
+    c.create_volume("fresh", "64MiB");
+    let path = PathBuf::from(c.ok(&["volume", "mount", "fresh", "--id", "t"]).trim());
+    let mountpoint = c.dir.join("volumes/fresh");
+    assert_eq!(fstype(&mountpoint), "ext4", "the default filesystem");
+    std::fs::write(path.join("kept"), "yes\n").expect("writing through the mount");
+    c.ok(&["volume", "unmount", "fresh", "--id", "t"]);
+    // Now it holds a filesystem (and extents): mounted as it is, never formatted again.
+    let path = PathBuf::from(c.ok(&["volume", "mount", "fresh", "-o", "newfstype=xfs", "--id", "t"]).trim());
+    assert_eq!(std::fs::read_to_string(path.join("kept")).expect("data kept"), "yes\n");
+    assert_eq!(fstype(&mountpoint), "ext4");
+    c.ok(&["volume", "unmount", "fresh", "--id", "t"]);
+}
+
 /// A second node on the same machine: its own SDC and its own volume-service directories.
 struct Node {
     config: PathBuf,
