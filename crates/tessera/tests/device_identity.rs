@@ -43,6 +43,10 @@ fn kill_sds(c: &Cluster, n: u32) {
     // SAFETY: a plain signal to a pid this cluster's `up` started and recorded.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     poll("the SDS to exit", POLL_TIMEOUT, || (!pid_alive(pid)).then_some(()));
+    // The thread-group leader shows as a zombie while other threads (one in a device
+    // sync, say) still exit and hold the process's sockets: wait for its port too.
+    let addr = c.sds_addr(n);
+    poll("the SDS's port to be free", POLL_TIMEOUT, || std::net::TcpListener::bind(&addr).ok().map(drop));
 }
 
 /// Starts SDS `n` again, under the test (its log: `DIR/<role>.log`); returns the role id.
