@@ -21,6 +21,11 @@
 //! - `durable_through_seq <= last_completed_seq` for every target, and neither goes down.
 //! - `owe_everyone` is set by a fresh process: writes acknowledged by an earlier incarnation
 //!   of this SDC or SDS may be owed anywhere, so the first flush reaches every live target.
+//! - Targets restart. Each acknowledgement names the target's *incarnation* (a random id
+//!   per process start); a target whose incarnation changed while it owed a flush may have
+//!   lost those writes with its volatile cache, and no flush of the new incarnation can
+//!   make them durable. Such writes are *lost*: the next flush that covers them fails
+//!   (once, like a write-back error), instead of acknowledging data that may be gone.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +33,10 @@ use std::collections::BTreeMap;
 struct TargetSeqs {
     last_completed_seq: u64,
     durable_through_seq: u64,
+    /// The incarnation that acknowledged the writes still owed.
+    incarnation: u64,
+    /// Writes of an earlier incarnation were owed when it changed.
+    lost_writes: bool,
 }
 
 /// What one flush must do, planned from a snapshot of the ledger.
@@ -36,13 +45,15 @@ pub struct FlushPlan {
     /// Targets that took writes not yet known durable, with the sequence number a
     /// successful flush of that target makes durable.
     pub targets: Vec<(u64, u64)>,
+    /// Some target restarted while it owed writes: this flush must fail.
+    pub lost_writes: bool,
     /// Writes of an earlier incarnation may be owed by any target: flush every live one.
     pub everyone: bool,
 }
 
 impl FlushPlan {
     pub fn is_empty(&self) -> bool {
-        self.targets.is_empty() && !self.everyone
+        self.targets.is_empty() && !self.everyone && !self.lost_writes
     }
 }
 
@@ -64,11 +75,16 @@ impl FlushLedger {
         FlushLedger { next_seq: 1, targets: BTreeMap::new(), owe_everyone: false }
     }
 
-    /// Records a write to `target` that completed (is about to be acknowledged).
-    pub fn note_completed_write(&mut self, target: u64) {
+    /// Records a write to `target` that completed (is about to be acknowledged), as
+    /// acknowledged by the target's `incarnation`.
+    pub fn note_completed_write(&mut self, target: u64, incarnation: u64) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let t = self.targets.entry(target).or_default();
+        let t = self.targets.entry(target).or_insert(TargetSeqs { incarnation, ..TargetSeqs::default() });
+        if t.incarnation != incarnation && t.last_completed_seq > t.durable_through_seq {
+            t.lost_writes = true;
+        }
+        t.incarnation = incarnation;
         t.last_completed_seq = seq;
     }
 
@@ -80,12 +96,38 @@ impl FlushLedger {
             .filter(|(_, t)| t.last_completed_seq > t.durable_through_seq)
             .map(|(id, t)| (*id, t.last_completed_seq))
             .collect();
-        FlushPlan { targets, everyone: self.owe_everyone }
+        let lost_writes = self.targets.values().any(|t| t.lost_writes);
+        FlushPlan { targets, everyone: self.owe_everyone, lost_writes }
+    }
+
+    /// The incarnation that acknowledged `target`'s owed writes.
+    pub fn incarnation_of(&self, target: u64) -> Option<u64> {
+        self.targets.get(&target).map(|t| t.incarnation)
+    }
+
+    /// A flush of `target` was answered by `incarnation`. When that is not the incarnation
+    /// that acknowledged the owed writes, they may be lost: marked so, the next flush fails.
+    pub fn flush_answered_by(&mut self, target: u64, incarnation: u64) {
+        if let Some(t) = self.targets.get_mut(&target) {
+            if t.incarnation != incarnation {
+                t.lost_writes = true;
+            }
+        }
+    }
+
+    /// A flush failed because of lost writes and told its caller so: like a write-back
+    /// error, the loss is reported once. The targets' owed writes are forgotten (nothing
+    /// can make them durable now); later writes are owed afresh.
+    pub fn report_lost_writes(&mut self) {
+        self.targets.retain(|_, t| !t.lost_writes);
     }
 
     /// `target` was flushed successfully by a flush planned with `seq` for it.
     pub fn flushed(&mut self, target: u64, seq: u64) {
         if let Some(t) = self.targets.get_mut(&target) {
+            if t.lost_writes {
+                return; // reported by `report_lost_writes`, never made durable
+            }
             assert!(seq <= t.last_completed_seq, "flushed a sequence number never handed out");
             t.durable_through_seq = t.durable_through_seq.max(seq);
             if t.durable_through_seq == t.last_completed_seq {
@@ -118,7 +160,7 @@ mod tests {
     #[test]
     fn a_flush_in_flight_does_not_cover_a_concurrent_one() {
         let mut l = FlushLedger::empty();
-        l.note_completed_write(7);
+        l.note_completed_write(7, 1);
         let first = l.plan();
         assert_eq!(first.targets, vec![(7, 1)]);
         // The first flush has not finished: a second flush must still reach target 7.
@@ -131,9 +173,9 @@ mod tests {
     #[test]
     fn a_write_completed_after_planning_stays_owed() {
         let mut l = FlushLedger::empty();
-        l.note_completed_write(7);
+        l.note_completed_write(7, 1);
         let plan = l.plan();
-        l.note_completed_write(7); // seq 2, after the plan
+        l.note_completed_write(7, 1); // seq 2, after the plan
         l.flushed(7, plan.targets[0].1);
         assert_eq!(l.plan().targets, vec![(7, 2)]);
     }
@@ -141,8 +183,8 @@ mod tests {
     #[test]
     fn failed_targets_stay_owed_and_successful_ones_are_forgotten() {
         let mut l = FlushLedger::empty();
-        l.note_completed_write(1);
-        l.note_completed_write(2);
+        l.note_completed_write(1, 1);
+        l.note_completed_write(2, 1);
         let plan = l.plan();
         l.flushed(1, plan.targets[0].1);
         assert_eq!(l.plan().targets, vec![(2, 2)]);
@@ -151,9 +193,9 @@ mod tests {
     #[test]
     fn an_out_of_order_completion_never_lowers_durability() {
         let mut l = FlushLedger::empty();
-        l.note_completed_write(1);
+        l.note_completed_write(1, 1);
         let early = l.plan();
-        l.note_completed_write(1);
+        l.note_completed_write(1, 1);
         let late = l.plan();
         l.flushed(1, late.targets[0].1);
         l.flushed(1, early.targets[0].1); // the older flush finishing last changes nothing
@@ -161,10 +203,28 @@ mod tests {
     }
 
     #[test]
+    fn a_target_that_restarted_while_owing_writes_fails_the_next_flush_once() {
+        let mut l = FlushLedger::empty();
+        l.note_completed_write(7, 100);
+        // The target restarted (power cut) and acknowledges a new write as incarnation 101.
+        l.note_completed_write(7, 101);
+        assert!(l.plan().lost_writes, "the writes 100 acknowledged may be gone");
+        l.report_lost_writes();
+        assert!(!l.plan().lost_writes);
+        assert!(l.plan().is_empty(), "reported once, then forgotten");
+        // A flush answered by another incarnation than the one that acknowledged.
+        l.note_completed_write(7, 101);
+        let plan = l.plan();
+        l.flush_answered_by(7, 102);
+        l.flushed(7, plan.targets[0].1);
+        assert!(l.plan().lost_writes);
+    }
+
+    #[test]
     fn a_new_incarnation_owes_everyone_until_one_flush_reached_all() {
         let mut l = FlushLedger::new_incarnation();
         assert!(l.plan().everyone);
-        l.note_completed_write(3);
+        l.note_completed_write(3, 1);
         let plan = l.plan();
         assert!(plan.everyone);
         l.flushed_everyone(&plan);

@@ -303,7 +303,8 @@ impl DataClient {
                 if op != kind::READ {
                     // Noted on completion, before the caller acknowledges it: see the
                     // ledger's invariants.
-                    self.with_ledger(volume.id, |l| l.note_completed_write(primary.sds_id));
+                    let incarnation = incarnation_in(&reply.payload);
+                    self.with_ledger(volume.id, |l| l.note_completed_write(primary.sds_id, incarnation));
                 }
                 Ok(reply.payload)
             }
@@ -397,6 +398,14 @@ impl DataClient {
             if plan.is_empty() {
                 return Ok(());
             }
+            if plan.lost_writes {
+                // An SDS restarted while it owed this volume a flush: its volatile cache
+                // may have taken acknowledged writes with it. No flush can bring them back,
+                // so this one fails — once, as a disk's write-back error does.
+                tracing::error!(volume_id, "an SDS restarted before flushing acknowledged writes: failing the flush");
+                self.with_ledger(volume_id, |l| l.report_lost_writes());
+                return Err(IoFailure::Io);
+            }
             let map = self.map();
             if self.flush_plan(volume_id, &plan, &map).await {
                 return Ok(());
@@ -431,18 +440,26 @@ impl DataClient {
             plan.targets.iter().map(|(id, _)| *id).collect()
         };
         let calls = targets.iter().map(|&sds_id| async move {
-            let ok = match self.connection(sds_id, map).await {
-                Some(c) => c
-                    .call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT)
-                    .await
-                    .is_ok_and(|r| r.status == status::OK),
-                None => false,
+            let answered_by = match self.connection(sds_id, map).await {
+                Some(c) => match c.call(kind::FLUSH, &[&0u32.to_le_bytes()], DATA_CALL_TIMEOUT).await {
+                    Ok(r) if r.status == status::OK => Some(incarnation_in(&r.payload)),
+                    _ => None,
+                },
+                None => None,
             };
-            (sds_id, ok)
+            (sds_id, answered_by)
         });
-        let results = tessera_proto::join::join_all(calls).await;
+        let answers = tessera_proto::join::join_all(calls).await;
+        let results: Vec<(u64, bool)> = answers.iter().map(|(id, a)| (*id, a.is_some())).collect();
         let all_ok = results.iter().all(|(_, ok)| *ok);
         self.with_ledger(volume_id, |ledger| {
+            // Before anything is marked durable: a flush answered by another incarnation
+            // than the one that acknowledged the writes proves nothing about them.
+            for (sds_id, answered_by) in &answers {
+                if let Some(incarnation) = answered_by {
+                    ledger.flush_answered_by(*sds_id, *incarnation);
+                }
+            }
             if everyone {
                 if all_ok {
                     if plan.everyone {
@@ -468,6 +485,11 @@ impl DataClient {
         }
         all_ok
     }
+}
+
+/// The SDS incarnation an acknowledgement carries (its first 8 bytes; 0 when absent).
+fn incarnation_in(payload: &[u8]) -> u64 {
+    payload.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
 }
 
 /// One data request: an operation on one piece of one extent.

@@ -49,6 +49,10 @@ pub struct SdsState {
     /// plus the lease. The MDM counts the lease from when it received that heartbeat (later),
     /// plus a grace, so this SDS always stops serving before the MDM may replace it.
     lease_valid_until: Mutex<Option<Instant>>,
+    /// A random id of this process: every write and flush acknowledgement carries it, so a
+    /// client can tell that an SDS restarted (and may have lost its volatile cache) between
+    /// a write's acknowledgement and the flush meant to make it durable.
+    pub incarnation: u64,
     /// Devices already reported failed (report once).
     failed_devices: Mutex<HashSet<u64>>,
     pub rebuilds: crate::rebuild::RebuildJobs,
@@ -58,6 +62,15 @@ pub struct SdsState {
     pub map_fence: tokio::sync::RwLock<()>,
     /// One collection of foreign extents at a time.
     pub gc_running: std::sync::atomic::AtomicBool,
+}
+
+/// A random u64 without a random-number crate: the standard library seeds each
+/// `RandomState` from the OS.
+fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
 }
 
 fn device_status(e: &DeviceError) -> u32 {
@@ -82,6 +95,7 @@ impl SdsState {
             refresh: Notify::new(),
             lease_valid_until: Mutex::new(None),
             failed_devices: Mutex::new(HashSet::new()),
+            incarnation: new_incarnation(),
             rebuilds: Default::default(),
             map_fence: tokio::sync::RwLock::new(()),
             gc_running: Default::default(),
@@ -165,13 +179,21 @@ impl SdsState {
     pub async fn handle(self: &Arc<Self>, header: &FrameHeader, payload: Vec<u8>) -> (u32, Vec<u8>) {
         match header.kind {
             kind::READ => self.read(&payload).await,
-            kind::WRITE | kind::WRITE_ZEROES | kind::TRIM => self.write(header.kind, payload).await,
-            kind::FLUSH => self.flush(&payload).await,
+            kind::WRITE | kind::WRITE_ZEROES | kind::TRIM => self.acknowledged(self.write(header.kind, payload).await),
+            kind::FLUSH => self.acknowledged(self.flush(&payload).await),
             kind::LIST_EXTENTS => self.list_extents(&payload),
             kind::EXTENT_CHECKSUM => self.extent_checksum(&payload).await,
             kind::LIST_PG_EXTENTS => self.list_pg_extents(&payload),
             _ => (status::UNKNOWN_KIND, Vec::new()),
         }
+    }
+
+    /// A successful write or flush reply carries this process's incarnation.
+    fn acknowledged(&self, (status, body): (u32, Vec<u8>)) -> (u32, Vec<u8>) {
+        if status == status::OK && body.is_empty() {
+            return (status, self.incarnation.to_le_bytes().to_vec());
+        }
+        (status, body)
     }
 
     fn check(&self, h: &IoHeader, is_write: bool) -> Result<Role, u32> {
@@ -394,7 +416,10 @@ impl SdsState {
             Ok(reply) => {
                 if reply.status == status::OK {
                     // Noted on completion, before the primary acknowledges the write.
-                    self.forwarded.lock().unwrap_or_else(|p| p.into_inner()).note_completed_write(sds_id);
+                    // Peer incarnations are not tracked: a peer that restarts with unflushed
+                    // writes reports those copies suspect before it answers a flush, and they
+                    // are back-filled from this (complete) copy.
+                    self.forwarded.lock().unwrap_or_else(|p| p.into_inner()).note_completed_write(sds_id, 0);
                 } else {
                     tracing::warn!(sds_id, "secondary refused write: {}", status::name(reply.status));
                 }
@@ -424,7 +449,7 @@ impl SdsState {
             & flags::LOCAL_ONLY
             != 0;
         let plan = if local_only {
-            FlushPlan { targets: Vec::new(), everyone: false }
+            FlushPlan { targets: Vec::new(), everyone: false, lost_writes: false }
         } else {
             self.forwarded.lock().unwrap_or_else(|p| p.into_inner()).plan()
         };
