@@ -223,9 +223,18 @@ fn power_cut(c: &Cluster, disk: &CrashDir, sdss: &mut [Sds], cut: impl FnOnce(&C
     wait_ready(c, disk, sdss);
 }
 
+/// A cluster of an MDM and an SDC and no SDS (`up --sds 0`), with the protection domain and
+/// pool `default` that `up` would have created (spare as `up` sets it for three SDSs).
+fn cluster_without_sds() -> Cluster {
+    let c = Cluster::start_with(0, "1GiB");
+    c.ok(&["pd", "create", "default"]);
+    c.ok(&["pool", "create", "default", "--pd", "default", "--spare-percent", "34"]);
+    c
+}
+
 /// Three SDSs with one device each (`d1`, `d2`, `d3`), healthy, and a mapped volume `v`.
 fn three_sds_cluster(disk: &CrashDir) -> (Cluster, Vec<Sds>, String) {
-    let c = Cluster::start_with(0, "1GiB");
+    let c = cluster_without_sds();
     let sdss: Vec<Sds> =
         (1..=3).map(|n| Sds::add(&c, disk, &format!("sds-{n}"), n as u16 - 1, &[&format!("d{n}")])).collect();
     wait_all_normal(&c, disk, &sdss);
@@ -408,7 +417,7 @@ fn eio_on_fdatasync_fails_the_device_and_no_flush_lies() {
 #[test]
 fn a_hung_device_is_failed_and_io_continues_on_the_other_copy() {
     let disk = CrashDir::start();
-    let c = Cluster::start_with(0, "1GiB");
+    let c = cluster_without_sds();
     let sdss = vec![
         Sds::add(&c, &disk, "sds-a", 0, &["da", "db"]),
         Sds::add(&c, &disk, "sds-b", 1, &["dc"]),
