@@ -265,15 +265,24 @@ pub async fn run_sds(cfg: SdsConfig) -> anyhow::Result<()> {
     tokio::spawn(crate::rebuild::scheduler(sds.clone()));
     tokio::spawn(probe_devices(sds.clone()));
     tokio::spawn(crate::intent::clean_loop(sds.clone()));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(serve_connection(sds.clone(), stream));
-            }
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(sds.clone(), stream));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
         }
     }
+    crate::intent::clean_at_shutdown(&sds).await;
+    tracing::info!("SDS stopped");
+    Ok(())
 }

@@ -176,6 +176,9 @@ impl Index {
     }
 }
 
+/// What `load_slot_table` builds: the index, each slot's owner, and each slot's dirty bit.
+type LoadedTable = (Index, Vec<Option<SlotOwner>>, Vec<bool>);
+
 /// One open device. Dropping it closes the file and releases its lock.
 #[derive(Debug)]
 pub struct Device {
@@ -338,7 +341,7 @@ impl Device {
         path: &Path,
         file: &File,
         superblock: &Superblock,
-    ) -> Result<(Index, Vec<Option<SlotOwner>>, Vec<bool>), DeviceError> {
+    ) -> Result<LoadedTable, DeviceError> {
         // validate() bounded slot_count by MAX_SLOT_COUNT, so these allocations are bounded.
         let slot_count = superblock.slot_count as usize;
         let mut owners = vec![None; slot_count];
@@ -580,10 +583,22 @@ impl Device {
     /// flush covered. Slots in use by a write are skipped (their lock is only tried), so this
     /// never waits on IO. Returns how many slots it cleaned.
     pub fn clean_idle_slots(&self, max_slots: usize) -> Result<u64, DeviceError> {
+        self.clean_slots(max_slots, true)
+    }
+
+    /// At an orderly stop: flushes, then marks clean every dirty slot no write is in flight
+    /// on, idle or not, so that a restart has nothing to resync. (A write that comes later
+    /// marks its slot dirty again first, as always.)
+    pub fn clean_for_shutdown(&self) -> Result<u64, DeviceError> {
+        self.clean_slots(usize::MAX, false)
+    }
+
+    fn clean_slots(&self, max_slots: usize, only_idle: bool) -> Result<u64, DeviceError> {
         self.check_usable()?;
         let idle_through = self.clean_watermark.swap(self.write_seq.load(Ordering::Acquire), Ordering::AcqRel);
         self.flush()?;
-        let limit = idle_through.min(self.durable_seq.load(Ordering::Acquire));
+        let durable = self.durable_seq.load(Ordering::Acquire);
+        let limit = if only_idle { idle_through.min(durable) } else { durable };
         let candidates: Vec<(u64, u64)> = {
             let index = read_lock(&self.index);
             index
