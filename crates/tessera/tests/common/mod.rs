@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod nbd_client;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -497,6 +499,18 @@ impl Cluster {
         let pid = child.id() as i32;
         self.extra_daemons.lock().unwrap_or_else(|p| p.into_inner()).push((role_id.to_string(), child));
         pid
+    }
+
+    /// SIGKILLs a daemon started with [`Cluster::spawn_daemon`] and reaps it: when this
+    /// returns the process is gone (a power cut, as far as the process is concerned).
+    pub fn kill_daemon(&self, role_id: &str) {
+        let mut daemons = self.extra_daemons.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = daemons.iter().position(|(id, _)| id == role_id) else {
+            panic!("no daemon {role_id} was started by this test")
+        };
+        let (_, mut child) = daemons.remove(i);
+        let _ = child.kill();
+        wait_with_timeout(&mut child, Duration::from_secs(10)).unwrap_or_else(|| panic!("{role_id} did not die"));
     }
 
     /// Whether a daemon started with [`Cluster::spawn_daemon`] is still running.
