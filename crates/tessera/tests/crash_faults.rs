@@ -397,6 +397,7 @@ fn eio_on_fdatasync_fails_the_device_and_no_flush_lies() {
     let first = client.flush();
     eprintln!("flush over the failing fdatasync: {first:?}");
     poll("d2 to be Failed", HEAL_TIMEOUT, || (device_state(&c, &disk, "d2") == "Failed").then_some(()));
+    assert!(disk.disk.stats("d2").expect("stats d2").failed_ops > 0, "the injected fdatasync error never fired");
     if let Err(e) = first {
         // Honest: now that the device is out, a flush must succeed from the other copies.
         eprintln!("the first flush failed ({e}); flushing again");
@@ -481,6 +482,32 @@ fn a_hung_device_is_failed_and_io_continues_on_the_other_copy() {
 }
 
 #[test]
+fn an_idle_hung_device_is_failed_without_client_io() {
+    // No client IO reaches the device once it hangs: only the SDS's own background device
+    // operations (write-intent cleaning, the probe) can find it, and they run under the
+    // device deadline like every other.
+    let disk = CrashDir::start();
+    let (c, sdss, uri) = three_sds_cluster(&disk);
+    let seed = run_seed("idle_hung_device");
+    let mut client = connect(&uri);
+    let data = random_bytes(seed, 4 * MIB as usize);
+    client.write(0, &data, false).expect("write");
+    client.flush().expect("flush");
+
+    disk.disk.hang("d1").expect("hang d1");
+    poll("the idle hung d1 to be Failed", HEAL_TIMEOUT, || (device_state(&c, &disk, "d1") == "Failed").then_some(()));
+    assert_eq!(sds_state(&c.status(), "sds-1"), "up", "the SDS of the hung device stays up");
+    sdss[0].assert_running(&c);
+    wait_ready(&c, &disk, &sdss);
+    let mut back = vec![0u8; data.len()];
+    client.read(0, &mut back).expect("reading back once healthy");
+    assert_same_bytes("data once healthy", &data, &back);
+    c.verify("v");
+    drop(client);
+    disk.disk.release("d1").expect("release d1");
+}
+
+#[test]
 fn torn_last_writes_leave_every_block_old_or_new() {
     let disk = CrashDir::start();
     let (c, mut sdss, uri) = three_sds_cluster(&disk);
@@ -498,9 +525,12 @@ fn torn_last_writes_leave_every_block_old_or_new() {
         blocks.push((offset, old, random_bytes(seed.wrapping_add(1000 + i as u64), BLOCK_BYTES)));
     }
     client.flush().expect("flushing the old content");
-    for (i, &offset) in fresh.iter().enumerate() {
-        blocks.push((offset, vec![0u8; BLOCK_BYTES], random_bytes(seed.wrapping_add(2000 + i as u64), BLOCK_BYTES)));
-    }
+    // Fresh extents first: allocating one makes its slot record and write intent durable,
+    // which syncs everything written before it; the overwrites after them stay in the cache.
+    let fresh_blocks = fresh.iter().enumerate().map(|(i, &offset)| {
+        (offset, vec![0u8; BLOCK_BYTES], random_bytes(seed.wrapping_add(2000 + i as u64), BLOCK_BYTES))
+    });
+    blocks.splice(0..0, fresh_blocks);
     for (offset, _, new) in &blocks {
         client.write(*offset, new, false).unwrap_or_else(|e| panic!("new write at {offset}: {e}"));
     }
@@ -508,9 +538,10 @@ fn torn_last_writes_leave_every_block_old_or_new() {
 
     power_cut(&c, &disk, &mut sdss, |d| d.cut_torn("*", seed).expect("cut_torn"));
     let mut client = connect(&uri);
-    let (mut old_sectors, mut new_sectors) = (0, 0);
+    let (mut old_sectors, mut new_sectors, mut mixed_blocks) = (0, 0, 0);
     for (offset, old, new) in &blocks {
         let back = read_block(&mut client, *offset);
+        mixed_blocks += usize::from(back != *old && back != *new);
         for s in 0..BLOCK_BYTES / SECTOR_BYTES {
             let range = s * SECTOR_BYTES..(s + 1) * SECTOR_BYTES;
             if back[range.clone()] == new[range.clone()] {
@@ -522,6 +553,6 @@ fn torn_last_writes_leave_every_block_old_or_new() {
             }
         }
     }
-    eprintln!("after the torn cut: {old_sectors} sectors old, {new_sectors} new");
+    eprintln!("after the torn cut: {old_sectors} sectors old, {new_sectors} new, {mixed_blocks} blocks mixed");
     c.verify("v");
 }
