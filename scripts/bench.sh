@@ -180,7 +180,10 @@ cpu_ticks() { # name=pid...
 }
 
 # --- Jobs. --------------------------------------------------------------------------------
-# name rw bs iodepth timed(1)/once(0)
+# name rw bs iodepth timed(1)/once(0) [extra fio option]
+# The durable jobs flush as a database does: after every write at QD1 (--fsync=1), after
+# every 32 at QD32, and once at the end of a sequential write. For them "IOPS" counts the
+# writes, each of which was made durable on both copies by the flush that followed.
 jobs=(
   "fill-seqwrite-1m-qd8 write 1m 8 0"
   "randread-4k-qd1 randread 4k 1 1"
@@ -189,10 +192,13 @@ jobs=(
   "randwrite-4k-qd32 randwrite 4k 32 1"
   "seqread-1m-qd8 read 1m 8 1"
   "seqwrite-1m-qd8 write 1m 8 1"
+  "durable-randwrite-4k-qd1 randwrite 4k 1 1 --fsync=1"
+  "durable-randwrite-4k-qd32 randwrite 4k 32 1 --fsync=32"
+  "durable-seqwrite-1m-qd8 write 1m 8 0 --end_fsync=1"
 )
 
-run_fio() { # target uri name rw bs iodepth timed
-  local target=$1 uri=$2 name=$3 rw=$4 bs=$5 iodepth=$6 timed=$7
+run_fio() { # target uri name rw bs iodepth timed [extra]
+  local target=$1 uri=$2 name=$3 rw=$4 bs=$5 iodepth=$6 timed=$7 extra=${8:-}
   local args=(--name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$iodepth"
               --size="$size_bytes" --group_reporting --output-format=json
               --output="$results/$target-$name.json")
@@ -201,6 +207,7 @@ run_fio() { # target uri name rw bs iodepth timed
   else
     args+=(--end_fsync=1)   # the fill is durable before anything reads it
   fi
+  [ -z "$extra" ] || args+=("$extra")
   local procs=()
   if [ "$target" = tessera ]; then
     local role
@@ -223,11 +230,11 @@ run_fio() { # target uri name rw bs iodepth timed
 
 echo "bench.sh: ${#jobs[@]} jobs x 2 targets, ${runtime}s each (+${ramp}s ramp), size ${size_mib}MiB" >&2
 for job in "${jobs[@]}"; do
-  read -r name rw bs iodepth timed <<<"$job"
+  read -r name rw bs iodepth timed extra <<<"$job"
   for target in tessera nbdkit; do
     uri=$tessera_uri; [ "$target" = tessera ] || uri=$nbdkit_uri
-    printf 'bench.sh: %-22s %-8s\n' "$name" "$target" >&2
-    run_fio "$target" "$uri" "$name" "$rw" "$bs" "$iodepth" "$timed"
+    printf 'bench.sh: %-26s %-8s\n' "$name" "$target" >&2
+    run_fio "$target" "$uri" "$name" "$rw" "$bs" "$iodepth" "$timed" "${extra:-}"
   done
   cluster_alive || die "the cluster lost a daemon during $name"
 done

@@ -106,18 +106,19 @@ async fn collect_foreign_extents(sds: &Arc<SdsState>) {
             if foreign.is_empty() {
                 break;
             }
-            let (d, n) = (dev.clone(), foreign.len());
+            let n = foreign.len();
             let extent = dev.extent_size_bytes();
-            let freed =
-                tokio::task::spawn_blocking(move || foreign.iter().try_for_each(|k| d.write_zeroes(*k, 0, extent)))
-                    .await;
+            let freed = sds
+                .device_op(&dev, "free foreign extents", move |d| {
+                    foreign.iter().try_for_each(|k| d.write_zeroes(*k, 0, extent))
+                })
+                .await;
             match freed {
-                Ok(Ok(())) => tracing::info!(device_id, extents = n, "freed extents of PGs this SDS no longer holds"),
-                Ok(Err(e)) => {
+                Ok(()) => tracing::info!(device_id, extents = n, "freed extents of PGs this SDS no longer holds"),
+                Err(e) => {
                     tracing::warn!(device_id, "freeing foreign extents: {e}");
                     break;
                 }
-                Err(_) => break,
             }
         }
     }
@@ -177,9 +178,9 @@ async fn probe_devices(sds: Arc<SdsState>) {
         tokio::time::sleep(DEVICE_PROBE_INTERVAL).await;
         let devices: Vec<Arc<Device>> =
             sds.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        for dev in devices {
-            let d = dev.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || d.probe()).await {
+        for dev in devices.into_iter().filter(|d| !d.is_failed()) {
+            // Under the device deadline: a disk that hangs while idle is failed too.
+            if let Err(e) = sds.device_op(&dev, "probe", |d| d.probe()).await {
                 tracing::error!(device_id = dev.device_id(), "device probe failed: {e}");
                 sds.report_device_failure(dev.device_id());
             }

@@ -343,6 +343,35 @@ mod tests {
         assert_eq!(SlotRecord::decode(0, &[0u8; 64]).unwrap(), SlotRecord::Blank);
     }
 
+    /// Whatever the disk holds, decoding a record returns a value or an error, never a
+    /// panic — including records whose checksum is right over arbitrary fields and flags.
+    #[test]
+    fn arbitrary_records_never_panic() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..20_000u64 {
+            let mut rec = [0u8; SLOT_RECORD_SIZE_BYTES as usize];
+            for chunk in rec.chunks_mut(8) {
+                chunk.copy_from_slice(&next().to_le_bytes());
+            }
+            if i % 2 == 0 {
+                rec[REC_STATE] = (i % 5) as u8;
+                rec[REC_SLOT_INDEX].copy_from_slice(&7u64.to_le_bytes());
+                let checksum = crc32c::crc32c(&rec[..REC_CHECKSUM.start]);
+                rec[REC_CHECKSUM].copy_from_slice(&checksum.to_le_bytes());
+            }
+            if let Ok(SlotRecord::Used { dirty, .. }) = SlotRecord::decode(7, &rec) {
+                assert_eq!(dirty, rec[REC_FLAGS] & FLAG_DIRTY != 0);
+                assert_eq!(rec[REC_FLAGS] & !FLAG_DIRTY, 0, "unknown flags are refused");
+            }
+        }
+    }
+
     #[test]
     fn absurd_geometry_is_an_error() {
         let good = Superblock::plan([0; 16], 1, 4096, 8 << 20).unwrap();
