@@ -337,11 +337,7 @@ impl Device {
         })
     }
 
-    fn load_slot_table(
-        path: &Path,
-        file: &File,
-        superblock: &Superblock,
-    ) -> Result<LoadedTable, DeviceError> {
+    fn load_slot_table(path: &Path, file: &File, superblock: &Superblock) -> Result<LoadedTable, DeviceError> {
         // validate() bounded slot_count by MAX_SLOT_COUNT, so these allocations are bounded.
         let slot_count = superblock.slot_count as usize;
         let mut owners = vec![None; slot_count];
