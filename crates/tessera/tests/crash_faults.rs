@@ -245,9 +245,12 @@ fn three_sds_cluster(disk: &CrashDir) -> (Cluster, Vec<Sds>, String) {
 // ---------------------------------------------------------------------------------------
 // Data
 
-/// A seed for this run, printed so a failure can be replayed.
+/// A seed for this run (`CRASH_FAULTS_SEED` replays one), printed so a failure can be
+/// replayed: it chooses the blocks, their contents and which sectors a torn cut keeps.
 fn run_seed(test: &str) -> u64 {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    let seed = std::env::var("CRASH_FAULTS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
     eprintln!("{test}: seed {seed}");
     seed
 }
