@@ -420,6 +420,36 @@ impl Device {
         }
     }
 
+    /// [`Device::read`] if it can be done without waiting: the extent is unallocated or
+    /// its data is in the page cache, and no lock is held by a writer. `None` means "would
+    /// wait": read the ordinary way, on the device's IO threads. Lets the async worker serve
+    /// cached reads itself, with no hand-off, while a hung disk can never block it.
+    pub fn try_read_nowait(
+        &self,
+        key: ExtentKey,
+        offset_in_extent: u32,
+        buf: &mut [u8],
+    ) -> Option<Result<(), DeviceError>> {
+        if let Err(e) = self.check_usable().and_then(|()| self.check_range(offset_in_extent, buf.len() as u64)) {
+            return Some(Err(e));
+        }
+        let mapping = self.index.try_read().ok()?.by_key.get(&key).copied();
+        let Some(mapping) = mapping else {
+            buf.fill(0);
+            return Some(Ok(()));
+        };
+        let owner = self.slots[mapping.slot as usize].try_read().ok()?;
+        if owner.map(|o| o.key) != Some(key) {
+            return None; // freed or being allocated: the ordinary path sorts it out
+        }
+        let position = self.data_position(mapping.slot, offset_in_extent, buf.len() as u64);
+        match sys::pread_nowait(&self.file, buf, position) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(self.io_error("read data")(e))),
+        }
+    }
+
     /// Writes `data` at `offset_in_extent`, allocating the extent's slot on its first write.
     /// With `durable` (FUA) the data is on stable storage before this returns. Returns
     /// whether this write allocated the slot. `pg_id` is recorded on allocation; a later

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod device;
 pub mod devices;
 pub mod intent;
+pub mod io_pool;
 pub mod map;
 pub mod range_lock;
 pub mod rebuild;

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::device::{Device, DeviceError, ExtentKey};
+use crate::io_pool::{IoPool, PoolError};
 use crate::map::{check_io, MapView, Role, MAX_COPIES};
 use crate::range_lock::RangeLocks;
 use tessera_core::Replica;
@@ -53,6 +54,8 @@ pub struct SdsState {
     /// client can tell that an SDS restarted (and may have lost its volatile cache) between
     /// a write's acknowledgement and the flush meant to make it durable.
     pub incarnation: u64,
+    /// The IO threads of each device (made on first use), see `io_pool`.
+    io_pools: Mutex<HashMap<u64, Arc<IoPool>>>,
     /// Devices already reported failed (report once).
     failed_devices: Mutex<HashSet<u64>>,
     pub rebuilds: crate::rebuild::RebuildJobs,
@@ -95,6 +98,7 @@ impl SdsState {
             refresh: Notify::new(),
             lease_valid_until: Mutex::new(None),
             failed_devices: Mutex::new(HashSet::new()),
+            io_pools: Mutex::new(HashMap::new()),
             incarnation: new_incarnation(),
             rebuilds: Default::default(),
             map_fence: tokio::sync::RwLock::new(()),
@@ -208,10 +212,10 @@ impl SdsState {
         verdict
     }
 
-    /// Runs one operation of `dev` on a blocking thread under [`DEVICE_OP_DEADLINE`]. The
-    /// async workers never touch a device themselves: a disk that hangs would stop every
-    /// request of this SDS, heartbeats included. A device that errs (the device latches it)
-    /// or misses the deadline is reported to the MDM, once.
+    /// Runs one operation of `dev` on the device's IO threads under
+    /// [`DEVICE_OP_DEADLINE`]. The async workers never wait on a device themselves: a disk
+    /// that hangs would stop every request of this SDS, heartbeats included. A device that
+    /// errs (the device latches it) or misses the deadline is reported to the MDM, once.
     pub async fn device_op<T: Send + 'static>(
         self: &Arc<Self>,
         dev: &Arc<Device>,
@@ -219,11 +223,17 @@ impl SdsState {
         op: impl FnOnce(&Device) -> Result<T, DeviceError> + Send + 'static,
     ) -> Result<T, DeviceError> {
         let d = dev.clone();
-        let task = tokio::task::spawn_blocking(move || op(&d));
+        let pool = self.io_pool(dev.device_id());
+        let Ok(task) = pool.submit(move || op(&d)) else {
+            // Thousands of operations queued: the device stopped answering long ago.
+            dev.fail_hung(operation);
+            self.report_device_failure(dev.device_id());
+            return Err(DeviceError::Failed);
+        };
         let result = match tokio::time::timeout(DEVICE_OP_DEADLINE, task).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(Ok(r))) => r,
             // The operation panicked on a device invariant: trust nothing it touched.
-            Ok(Err(_)) => {
+            Ok(Ok(Err(PoolError::Panicked | PoolError::Busy))) | Ok(Err(_)) => {
                 dev.fail_hung(operation);
                 Err(DeviceError::Failed)
             }
@@ -238,7 +248,36 @@ impl SdsState {
         result
     }
 
-    /// Serves a read from this SDS's copy, on a blocking thread under the device deadline.
+    fn io_pool(&self, device_id: u64) -> Arc<IoPool> {
+        let mut pools = self.io_pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.entry(device_id).or_insert_with(|| Arc::new(IoPool::new(&format!("dev{device_id}")))).clone()
+    }
+
+    /// Serves a read on the caller's thread when that cannot wait on the device (the data is
+    /// in the page cache); `None` when it would, and [`SdsState::read`] must serve it.
+    pub fn read_inline(self: &Arc<Self>, payload: &[u8]) -> Option<(u32, Vec<u8>)> {
+        let Some(h) = IoHeader::decode(payload) else { return Some((status::INVALID, Vec::new())) };
+        let local = match self.check(&h, false) {
+            Ok(Role::Primary { local, .. }) | Ok(Role::Local { local }) => local,
+            Err(s) => return Some((s, Vec::new())),
+        };
+        let dev = self.device(local.device_id)?;
+        let key = ExtentKey { volume_id: h.volume_id, extent_index: h.extent_index };
+        let mut buf = vec![0u8; h.length as usize];
+        match dev.try_read_nowait(key, h.offset_in_extent, &mut buf)? {
+            Ok(()) if !self.lease_held() => Some((status::NOT_READY, Vec::new())),
+            Ok(()) => Some((status::OK, buf)),
+            Err(e) => {
+                tracing::warn!("read failed: {e}");
+                if dev.is_failed() {
+                    self.report_device_failure(dev.device_id());
+                }
+                Some((device_status(&e), Vec::new()))
+            }
+        }
+    }
+
+    /// Serves a read from this SDS's copy, on the device's IO threads under the deadline.
     pub async fn read(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
         let Some(h) = IoHeader::decode(payload) else { return (status::INVALID, Vec::new()) };
         let local = match self.check(&h, false) {
@@ -445,6 +484,11 @@ impl SdsState {
     /// flush whatever is still owed, so none returns before the writes it covers are
     /// durable (see `tessera_core::flush`).
     async fn flush(self: &Arc<Self>, payload: &[u8]) -> (u32, Vec<u8>) {
+        // Without a lease this SDS may not have its map yet (just started), and so not know
+        // which devices hold copies: it cannot promise anything.
+        if !self.lease_held() {
+            return (status::NOT_READY, Vec::new());
+        }
         let local_only = payload.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).unwrap_or(0)
             & flags::LOCAL_ONLY
             != 0;
@@ -644,6 +688,16 @@ pub async fn serve_connection(sds: Arc<SdsState>, mut stream: TcpStream) {
                 return;
             }
         };
+        // A read the page cache serves costs microseconds: answer it here, with no task
+        // and no hand-off (which would each cost more than the read).
+        if header.kind == kind::READ {
+            if let Some((status, body)) = sds.read_inline(&payload) {
+                if replies.send(OutFrame::reply(&header, status, body)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let sds = sds.clone();
         let replies = replies.clone();

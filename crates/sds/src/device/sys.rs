@@ -111,3 +111,22 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `pread` that never waits for the device: `Ok(true)` when all of `buf` came from the page
+/// cache, `Ok(false)` when it would have had to wait (or the kernel or file system cannot
+/// say: `EAGAIN`, `EOPNOTSUPP`, a short read) — the caller then reads the ordinary way, off
+/// the async worker.
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+    let Ok(offset) = libc::off_t::try_from(offset) else { return Ok(false) };
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: one iovec over `buf`, which outlives the call; a descriptor we own.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(n as usize == buf.len())
+}
