@@ -115,6 +115,16 @@ impl FlushLedger {
         }
     }
 
+    /// The owed writes of `target` may be lost (it died with them, and nothing proves the
+    /// other copies kept them): the next flush fails.
+    pub fn mark_lost(&mut self, target: u64) {
+        if let Some(t) = self.targets.get_mut(&target) {
+            if t.last_completed_seq > t.durable_through_seq {
+                t.lost_writes = true;
+            }
+        }
+    }
+
     /// A flush failed because of lost writes and told its caller so: like a write-back
     /// error, the loss is reported once. The targets' owed writes are forgotten (nothing
     /// can make them durable now); later writes are owed afresh.
@@ -218,6 +228,20 @@ mod tests {
         l.flush_answered_by(7, 102);
         l.flushed(7, plan.targets[0].1);
         assert!(l.plan().lost_writes);
+    }
+
+    #[test]
+    fn writes_of_a_dead_target_that_nothing_proves_kept_are_lost() {
+        let mut l = FlushLedger::empty();
+        l.note_completed_write(4, 1);
+        l.mark_lost(4);
+        let plan = l.plan();
+        assert!(plan.lost_writes);
+        l.flushed(4, plan.targets[0].1);
+        assert!(l.plan().lost_writes, "a flush never makes lost writes durable");
+        l.mark_lost(9); // unknown targets owe nothing
+        l.report_lost_writes();
+        assert!(l.plan().is_empty());
     }
 
     #[test]

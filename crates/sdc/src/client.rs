@@ -55,6 +55,10 @@ pub struct DataClient {
     /// (`tessera_core::flush`). A volume this process has not seen yet owes a flush to every
     /// SDS: an earlier incarnation of this SDC may have acknowledged writes it never flushed.
     flush_ledgers: Mutex<HashMap<u64, FlushLedger>>,
+    /// The incarnation each SDS last answered with (write and flush acknowledgements). A
+    /// flush that must rely on copies other than the SDSs that acknowledged its writes (a
+    /// primary died) trusts only SDSs that did not restart since.
+    known_incarnations: Mutex<HashMap<u64, u64>>,
     /// Per volume with a limit set: the IO and bandwidth buckets of this SDC.
     limiters: Mutex<HashMap<u64, VolumeLimiter>>,
     /// The origin of the times the limiters are given.
@@ -72,6 +76,7 @@ impl DataClient {
             refresh_lock: tokio::sync::Mutex::new(()),
             connections: Mutex::new(HashMap::new()),
             flush_ledgers: Mutex::new(HashMap::new()),
+            known_incarnations: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
             limiter_epoch: tokio::time::Instant::now(),
         }
@@ -304,6 +309,10 @@ impl DataClient {
                     // Noted on completion, before the caller acknowledges it: see the
                     // ledger's invariants.
                     let incarnation = incarnation_in(&reply.payload);
+                    self.known_incarnations
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(primary.sds_id, incarnation);
                     self.with_ledger(volume.id, |l| l.note_completed_write(primary.sds_id, incarnation));
                 }
                 Ok(reply.payload)
@@ -433,7 +442,8 @@ impl DataClient {
         // elsewhere that hold the writes it took (as forwarded copies or back-filled): flush
         // every live SDS instead, each of which flushes its own devices and the copies it
         // forwarded to. The same when an earlier incarnation's writes may be owed anywhere.
-        let everyone = plan.everyone || plan.targets.iter().any(|(id, _)| is_down(id));
+        let down_targets: Vec<u64> = plan.targets.iter().map(|(id, _)| *id).filter(|id| is_down(id)).collect();
+        let everyone = plan.everyone || !down_targets.is_empty();
         let targets: Vec<u64> = if everyone {
             map.state.sdss.values().filter(|s| s.state != SdsState::Down).map(|s| s.id).collect()
         } else {
@@ -452,7 +462,25 @@ impl DataClient {
         let answers = tessera_proto::join::join_all(calls).await;
         let results: Vec<(u64, bool)> = answers.iter().map(|(id, a)| (*id, a.is_some())).collect();
         let all_ok = results.iter().all(|(_, ok)| *ok);
-        self.with_ledger(volume_id, |ledger| {
+        // A dead primary's writes are durable now only if the copies it forwarded them to
+        // kept them: an SDS that restarted since this SDC last heard from it (or that it
+        // never heard from) may have lost them with its cache, and then so may the flush.
+        let unproven = {
+            let mut known = self.known_incarnations.lock().unwrap_or_else(|p| p.into_inner());
+            let unproven = answers.iter().any(|(id, a)| a.is_some_and(|inc| known.get(id) != Some(&inc)));
+            for (id, a) in &answers {
+                if let Some(inc) = a {
+                    known.insert(*id, *inc);
+                }
+            }
+            unproven
+        };
+        let lost = self.with_ledger(volume_id, |ledger| {
+            if unproven {
+                for target in &down_targets {
+                    ledger.mark_lost(*target);
+                }
+            }
             // Before anything is marked durable: a flush answered by another incarnation
             // than the one that acknowledged the writes proves nothing about them.
             for (sds_id, answered_by) in &answers {
@@ -477,7 +505,13 @@ impl DataClient {
                     }
                 }
             }
+            // Writes found lost are not durable, whatever the answers said: the caller
+            // plans again and fails the flush.
+            ledger.plan().lost_writes
         });
+        if lost {
+            return false;
+        }
         if !all_ok {
             for (sds_id, _) in results.iter().filter(|(_, ok)| !ok) {
                 tracing::warn!(volume_id, sds_id, "flush not acknowledged; retrying");
