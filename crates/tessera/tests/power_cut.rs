@@ -271,6 +271,18 @@ impl Rig {
     fn check(&self, oracle: &mut Oracle, what: &str) {
         let image = self.read_all();
         let violations = oracle.violations(&image);
+        if !violations.is_empty() {
+            // The cluster directory goes with the test: keep its logs for the post-mortem.
+            let kept = std::env::temp_dir().join(format!("tessera-power-cut-failure-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&kept);
+            for entry in std::fs::read_dir(&self.cluster.dir).into_iter().flatten().flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    let _ = std::fs::copy(entry.path(), kept.join(entry.file_name()));
+                }
+            }
+            std::fs::write(kept.join("violations.txt"), violations.join("\n")).ok();
+            eprintln!("{what}: logs kept in {}", kept.display());
+        }
         assert!(
             violations.is_empty(),
             "{what}: {} sectors read what no acknowledged history allows, e.g.\n{}\n(acked {} writes, {} flushes)\nlogs:\n{}",
