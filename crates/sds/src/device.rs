@@ -205,6 +205,8 @@ pub struct Device {
     clean_watermark: AtomicU64,
     /// Serialises the record writes that mark slots dirty.
     intent_lock: Mutex<()>,
+    /// Held across a flush's fdatasync (group commit, see `flush`).
+    sync_lock: Mutex<()>,
     /// Extents whose record was dirty when the device was opened, with their PGs: their
     /// copies may disagree after the crash that left them so.
     suspect_at_open: Vec<(ExtentKey, u32)>,
@@ -328,10 +330,13 @@ impl Device {
             slots,
             dirty: dirty_flags.into_iter().map(AtomicBool::new).collect(),
             last_write_seq: (0..slot_count).map(|_| AtomicU64::new(0)).collect(),
-            write_seq: AtomicU64::new(0),
+            // 1, not 0: the first flush of a process always syncs, covering whatever an
+            // earlier process left in the page cache.
+            write_seq: AtomicU64::new(1),
             durable_seq: AtomicU64::new(0),
             clean_watermark: AtomicU64::new(0),
             intent_lock: Mutex::new(()),
+            sync_lock: Mutex::new(()),
             suspect_at_open,
             failed: AtomicBool::new(false),
         })
@@ -715,11 +720,27 @@ impl Device {
     }
 
     /// Everything written before this call is durable when it returns.
+    ///
+    /// Group commit: fdatasyncs run one at a time, and a flush whose writes a sync that
+    /// started after them already covered returns without one of its own. Concurrent
+    /// flushes (a client's, and the forwarded ones of the copies' primaries) then share one
+    /// fdatasync instead of queueing three.
     pub fn flush(&self) -> Result<(), DeviceError> {
         self.check_usable()?;
         let covered = self.write_seq.load(Ordering::Acquire);
+        if self.durable_seq.load(Ordering::Acquire) >= covered {
+            return Ok(());
+        }
+        let _one_sync_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_usable()?;
+        if self.durable_seq.load(Ordering::Acquire) >= covered {
+            return Ok(());
+        }
+        // Cover every write completed up to now, not just ours: the flushes waiting behind
+        // this one find themselves covered.
+        let covering = self.write_seq.load(Ordering::Acquire);
         self.file.sync_data().map_err(self.io_error("flush"))?;
-        self.durable_seq.fetch_max(covered, Ordering::AcqRel);
+        self.durable_seq.fetch_max(covering, Ordering::AcqRel);
         Ok(())
     }
 

@@ -50,9 +50,10 @@ pub struct SdsState {
     /// plus the lease. The MDM counts the lease from when it received that heartbeat (later),
     /// plus a grace, so this SDS always stops serving before the MDM may replace it.
     lease_valid_until: Mutex<Option<Instant>>,
-    /// A random id of this process: every write and flush acknowledgement carries it, so a
-    /// client can tell that an SDS restarted (and may have lost its volatile cache) between
-    /// a write's acknowledgement and the flush meant to make it durable.
+    /// This SDS's incarnation (its boot, see `new_incarnation`): every write and flush
+    /// acknowledgement carries it, so a client can tell that the SDS's node lost power (and
+    /// its volatile cache) between a write's acknowledgement and the flush meant to make it
+    /// durable.
     pub incarnation: u64,
     /// The IO threads of each device (made on first use), see `io_pool`.
     io_pools: Mutex<HashMap<u64, Arc<IoPool>>>,
@@ -67,13 +68,30 @@ pub struct SdsState {
     pub gc_running: std::sync::atomic::AtomicBool,
 }
 
-/// A random u64 without a random-number crate: the standard library seeds each
-/// `RandomState` from the OS.
+/// Where the kernel names the current boot.
+const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+/// Test hook: the boot this SDS believes it runs in. Tests that simulate a power cut (the
+/// crash disk drops the cache, the machine does not reboot) give the restarted SDS a new
+/// value, as a real power cut gives the node a new boot.
+pub const BOOT_ID_ENV: &str = "TESSERA_BOOT_ID";
+
+/// This SDS's incarnation: a hash of the boot it runs in. What acknowledged writes can lose
+/// is the volatile cache, and only a power loss (a new boot) loses it: a process that
+/// crashes and restarts finds its writes in the page cache, and must not make every
+/// client's next flush fail. Without a readable boot id, a random value per process —
+/// a restart then counts as a possible loss, which is the safe side.
 fn new_incarnation() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id().into());
-    h.finish()
+    let boot = std::env::var(BOOT_ID_ENV).ok().or_else(|| std::fs::read_to_string(BOOT_ID_PATH).ok());
+    match boot {
+        // A fixed hash: every process (and build) in this boot must agree.
+        Some(id) => u64::from(crc32c::crc32c(id.trim().as_bytes())),
+        None => {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(std::process::id().into());
+            h.finish()
+        }
+    }
 }
 
 fn device_status(e: &DeviceError) -> u32 {

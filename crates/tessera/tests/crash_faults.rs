@@ -114,11 +114,12 @@ impl Sds {
         c.kill_daemon(&self.role);
     }
 
-    /// Starts the SDS again: same name, same address, a new process and log.
+    /// Starts the SDS again after its power cut: same name, same address, a new process,
+    /// log and boot.
     fn restart(&mut self, c: &Cluster) {
         self.restarts += 1;
         self.role = format!("{}-r{}", self.name, self.restarts);
-        c.spawn_daemon(&self.role, &["sds", "--name", &self.name, "--listen", &self.addr]);
+        c.restart_sds_after_power_cut(&self.role, &self.name, &self.addr);
     }
 
     fn assert_running(&self, c: &Cluster) {

@@ -257,7 +257,7 @@ impl Rig {
         self.restarts += 1;
         let role = format!("sds-{n}-r{}", self.restarts);
         let addr = self.cluster.sds_addr(n);
-        self.cluster.spawn_daemon(&role, &["sds", "--name", &format!("sds-{n}"), "--listen", &addr]);
+        self.cluster.restart_sds_after_power_cut(&role, &format!("sds-{n}"), &addr);
         self.roles[i] = role;
     }
 

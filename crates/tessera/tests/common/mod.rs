@@ -483,9 +483,14 @@ impl Cluster {
     /// Starts `tessera --config C daemon ARGS` as a child of the test; its output goes to
     /// `DIR/<role_id>.log`. It is killed when the cluster is dropped (or the test dies).
     pub fn spawn_daemon(&self, role_id: &str, args: &[&str]) -> i32 {
+        self.spawn_daemon_env(role_id, args, &[])
+    }
+
+    /// [`Cluster::spawn_daemon`] with extra environment for the daemon.
+    pub fn spawn_daemon_env(&self, role_id: &str, args: &[&str], env: &[(&str, &str)]) -> i32 {
         let log = std::fs::File::create(self.dir.join(format!("{role_id}.log"))).expect("creating a log file");
         let mut cmd = Command::new(BIN);
-        cmd.arg("--config").arg(self.config()).arg("daemon").args(args);
+        cmd.arg("--config").arg(self.config()).arg("daemon").args(args).envs(env.iter().copied());
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("dup log")).stderr(log);
         // Safety: prctl is async-signal-safe. The daemon dies with the test thread, so a
         // crashed test run leaves no daemon behind.
@@ -499,6 +504,15 @@ impl Cluster {
         let pid = child.id() as i32;
         self.extra_daemons.lock().unwrap_or_else(|p| p.into_inner()).push((role_id.to_string(), child));
         pid
+    }
+
+    /// Restarts SDS `name` as role `role_id` after a simulated power cut of its node: the
+    /// crash disk dropped the cache, and the node comes back in a new boot (a new
+    /// `TESSERA_BOOT_ID`), as after a real power cut.
+    pub fn restart_sds_after_power_cut(&self, role_id: &str, name: &str, listen: &str) -> i32 {
+        static BOOTS: AtomicU32 = AtomicU32::new(0);
+        let boot = format!("simulated-boot-{}-{}", std::process::id(), BOOTS.fetch_add(1, Ordering::Relaxed));
+        self.spawn_daemon_env(role_id, &["sds", "--name", name, "--listen", listen], &[("TESSERA_BOOT_ID", &boot)])
     }
 
     /// SIGKILLs a daemon started with [`Cluster::spawn_daemon`] and reaps it: when this
